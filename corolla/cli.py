@@ -1,2 +1,91 @@
-def main():
-    print("hi")
+"""The `corolla` command: one entry point, a subcommand per job."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+
+log = logging.getLogger("corolla")
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # these machines reach no model hub; never try
+    parser = argparse.ArgumentParser(prog="corolla", description="Run large language models across a swarm.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    convert = commands.add_parser("convert", help="turn the bundled SmolLM2-135M GGUF into a safetensors folder")
+    convert.add_argument("--out", help="target folder (default: ~/.cache/corolla/models/SmolLM2-135M-Instruct)")
+    convert.add_argument("--force", action="store_true", help="convert again even if the folder exists")
+    convert.set_defaults(run=_convert)
+
+    worker = commands.add_parser("worker", help="serve a span of a model's blocks")
+    worker.add_argument("--config", help="YAML file of settings; flags override its keys")
+    worker.add_argument("--model", help="Hugging Face model folder")
+    worker.add_argument("--blocks", help="span to serve, start:end")
+    worker.add_argument("--num-blocks", type=int, help="number of blocks to serve (instead of --blocks)")
+    worker.add_argument("--model-id", help="name announced to the swarm (default: the folder's name)")
+    worker.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    worker.add_argument("--device", help="cpu or cuda:N")
+    worker.add_argument("--host", help="address to bind")
+    worker.add_argument("--port", type=int, help="port to bind (0: any free one)")
+    worker.add_argument("--cache-tokens", type=int, help="KV-cache budget in tokens")
+    worker.add_argument("--max-batch-size", type=int)
+    worker.add_argument("--max-length", type=int, help="longest session a client may open")
+    worker.add_argument("--idle-timeout", type=float, help="seconds before an idle session expires")
+    worker.add_argument("--threads", type=int, help="torch threads")
+    worker.set_defaults(run=_worker)
+
+    demo = commands.add_parser("demo", help="a local two-worker swarm of SmolLM2-135M generating text")
+    demo.add_argument("--prompt", default="A cat sat", help="text to continue")
+    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--chat", action="store_true", help="treat the prompt as a chat message (chat template)")
+    demo.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
+    demo.set_defaults(run=_demo)
+
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:
+        from corolla.bus.errors import CorollaError
+        from corolla.worker.config import ConfigError
+        from corolla.worker.loader import CheckpointError
+        if isinstance(e, (CorollaError, ConfigError, CheckpointError, FileNotFoundError)):
+            print(f"corolla {args.command}: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
+
+
+def _convert(args) -> None:
+    from corolla.models.convert import convert, is_converted
+    from pathlib import Path
+    out = Path(args.out) if args.out else None
+    folder = convert(out, force=args.force)
+    print(f"model folder: {folder}")
+
+
+def _worker(args) -> None:
+    from corolla.worker.config import WorkerConfig
+    from corolla.worker.main import serve
+
+    overrides = {k: getattr(args, k) for k in ("model", "blocks", "num_blocks", "model_id", "dtype", "device", "host",
+                                                "port", "cache_tokens", "max_batch_size", "max_length",
+                                                "idle_timeout", "threads")}
+    config = WorkerConfig.load(args.config, **overrides)
+
+    def ready(service, endpoint):
+        print(f"corolla worker ready: {endpoint} blocks {service.start}:{service.end} of {service.model_id} "
+              f"({config.dtype} on {config.device}, peer {service.peer_id})", flush=True)
+
+    asyncio.run(serve(config, ready))
+
+
+def _demo(args) -> None:
+    from corolla.demo import run_demo
+    run_demo(args.prompt, args.max_new_tokens, chat=args.chat, sample=args.sample)

@@ -1,0 +1,137 @@
+"""DEALER connections to workers, driven by one background asyncio loop.
+
+User code (transformers' generate, a training loop) is synchronous, while the
+bus wants many requests in flight and background pings. So the client runs a
+single event loop in a daemon thread (`BusLoop`); synchronous callers hand it
+coroutines and block on the result.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+from typing import Any, Coroutine
+
+import zmq
+import zmq.asyncio
+
+from corolla.bus import wire
+from corolla.bus.errors import ErrorCode, RemoteError, RequestTimeout
+from corolla.bus.messages import ErrorReply
+from corolla.bus.security import Security
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TIMEOUT = 30.0
+
+
+class BusLoop:
+    """An asyncio loop in a daemon thread, shared by every connection of a process."""
+
+    _instance: "BusLoop | None" = None
+    _lock = threading.Lock()
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="corolla-bus", daemon=True)
+        self.thread.start()
+        self.context = zmq.asyncio.Context()
+
+    @classmethod
+    def get(cls) -> "BusLoop":
+        with cls._lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
+        """Run a coroutine on the loop and wait for it from a foreign thread."""
+        if threading.current_thread() is self.thread:
+            raise RuntimeError("BusLoop.run called from the bus thread itself; await the coroutine instead")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+class Connection:
+    """One DEALER socket to one worker; replies are matched to requests by id."""
+
+    def __init__(self, endpoint: str, context: zmq.asyncio.Context, security: Security | None = None,
+                 max_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES):
+        self.endpoint = endpoint
+        self.max_bytes = max_bytes
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        (security or Security.public()).apply_client(self.socket)
+        self.socket.connect(endpoint)
+        self._ids = itertools.count(1)
+        self._pending: dict[int, asyncio.Future] = {}
+        self._reader: asyncio.Task | None = None
+
+    async def request(self, msg: Any, timeout: float = DEFAULT_TIMEOUT, codec: wire.Codec = wire.RAW,
+                      reply_codec: wire.Codec | None = None) -> Any:
+        """Send `msg` and wait for its reply; an error reply raises RemoteError naming this worker."""
+        if self._reader is None:
+            self._reader = asyncio.create_task(self._read())
+        request_id = next(self._ids)
+        future = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = future
+        try:
+            await self.socket.send_multipart(wire.encode(msg, request_id, codec, reply_codec or codec), copy=False)
+            reply = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise RequestTimeout(self.endpoint, timeout) from None
+        finally:
+            self._pending.pop(request_id, None)
+        if isinstance(reply, ErrorReply):
+            raise RemoteError(self.endpoint, _code(reply.code), reply.message)
+        return reply
+
+    async def _read(self) -> None:
+        while True:
+            frames = await self.socket.recv_multipart(copy=False)
+            try:
+                envelope = wire.decode(frames, self.max_bytes)
+            except Exception as e:
+                log.warning("undecodable reply from %s: %s", self.endpoint, e)
+                continue
+            future = self._pending.get(envelope.request_id)
+            if future is not None and not future.done():
+                future.set_result(envelope.message)
+
+    async def close(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+        for future in self._pending.values():
+            future.cancel()
+        self.socket.close(linger=0)
+
+
+def _code(code: str) -> ErrorCode | str:
+    try:
+        return ErrorCode(code)
+    except ValueError:
+        return code
+
+
+class ConnectionPool:
+    """One connection per endpoint, created on first use from the bus loop."""
+
+    def __init__(self, context: zmq.asyncio.Context, security: Security | None = None):
+        self.context = context
+        self.security = security
+        self._connections: dict[str, Connection] = {}
+
+    def get(self, endpoint: str) -> Connection:
+        connection = self._connections.get(endpoint)
+        if connection is None:
+            connection = self._connections[endpoint] = Connection(endpoint, self.context, self.security)
+        return connection
+
+    async def drop(self, endpoint: str) -> None:
+        connection = self._connections.pop(endpoint, None)
+        if connection is not None:
+            await connection.close()
+
+    async def close(self) -> None:
+        for endpoint in list(self._connections):
+            await self.drop(endpoint)

@@ -1,0 +1,143 @@
+"""The message kinds that travel between clients and workers.
+
+Each kind is a small dataclass registered under a short name. Fields annotated
+`Tensor` or `Tensor | None` travel as frames after the header (see wire.py);
+every other field travels in the msgpack header body and is type-checked on
+arrival, so a handler only ever sees well-typed messages.
+"""
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+REGISTRY: dict[str, type] = {}
+
+
+def message(kind: str):
+    """Register a dataclass as a message kind."""
+
+    def wrap(cls):
+        cls = dataclass(cls)
+        cls.KIND = kind
+        REGISTRY[kind] = cls
+        return cls
+
+    return wrap
+
+
+# ---- requests -------------------------------------------------------------------------
+
+
+@message("ping")
+class Ping:
+    """Round-trip probe; also answered by an idle worker under load, so it measures the link."""
+
+
+@message("info")
+class InfoRequest:
+    """Ask a worker what it serves."""
+
+
+@message("forward")
+class Forward:
+    """Stateless pass of whole sequences through blocks [start, end) of the worker's span."""
+
+    hidden: Tensor  # [batch, seq, hidden]
+    start: int
+    end: int
+    attention_mask: Tensor | None = None  # [batch, seq], 1 = real token, 0 = padding
+    position_ids: Tensor | None = None  # [batch, seq]
+    prompts: Tensor | None = None  # deep prompt tuning: [end-start, batch, pre_seq_len, hidden]
+    adapter: str = ""
+
+
+@message("backward")
+class Backward:
+    """Gradient of a stateless forward: given the inputs and d(loss)/d(outputs), return d/d(inputs)."""
+
+    hidden: Tensor
+    grad_output: Tensor
+    start: int
+    end: int
+    attention_mask: Tensor | None = None
+    position_ids: Tensor | None = None
+    prompts: Tensor | None = None
+    adapter: str = ""
+
+
+@message("open")
+class OpenSession:
+    """Reserve KV cache for an inference session over blocks [start, end)."""
+
+    session_id: str
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    adapter: str = ""
+
+
+@message("step")
+class Step:
+    """Append `hidden` at cache position `position` (earlier positions roll the cache back) and return the span's output."""
+
+    session_id: str
+    hidden: Tensor  # [batch, new_tokens, hidden]; new_tokens may be 0
+    position: int
+    attention_mask: Tensor | None = None  # [batch, new_tokens] for the new tokens only
+    position_ids: Tensor | None = None  # [batch, new_tokens]
+    prompts: Tensor | None = None
+
+
+@message("close")
+class CloseSession:
+    session_id: str
+
+
+# ---- replies --------------------------------------------------------------------------
+
+
+@message("pong")
+class Pong:
+    pass
+
+
+@message("ok")
+class Ack:
+    pass
+
+
+@message("hidden")
+class HiddenReply:
+    hidden: Tensor
+
+
+@message("grads")
+class GradsReply:
+    grad_hidden: Tensor
+    grad_prompts: Tensor | None = None
+
+
+@message("worker_info")
+class WorkerInfo:
+    peer_id: str
+    model: str
+    start: int
+    end: int
+    num_blocks: int  # blocks in the whole model
+    dtype: str
+    version: int
+    cache_tokens_free: int
+    cache_tokens_total: int
+    throughput: float = 0.0  # tokens/s one block can process, a routing estimate
+    adapters: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@message("error")
+class ErrorReply:
+    code: str
+    message: str
+
+
+REPLY_KINDS = frozenset({"pong", "ok", "hidden", "grads", "worker_info", "error"})

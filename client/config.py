@@ -1,0 +1,29 @@
+"""How a client reaches and talks to the swarm (the keywords of `from_pretrained` that are not transformers')."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from corolla.bus.wire import Codec
+
+
+@dataclass
+class ClientConfig:
+    initial_peers: list[str] = field(default_factory=list)  # worker endpoints, e.g. tcp://10.0.0.5:31337
+    wire_dtype: torch.dtype | None = torch.float16  # how activations travel; None: as computed
+    codec: str = "raw"  # "raw", "lz4" or "int8" for activations
+    request_timeout: float = 30.0
+    active_adapter: str = ""
+    tuning_mode: str | None = None  # None, "ptune" or "deep_ptune"
+    pre_seq_len: int = 0
+
+    @classmethod
+    def pop_from(cls, kwargs: dict) -> "ClientConfig":
+        """Take this config's keywords out of a from_pretrained call, leaving transformers' own."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: kwargs.pop(k) for k in list(kwargs) if k in names})
+
+    @property
+    def activation_codec(self) -> Codec:
+        return Codec(self.codec, self.wire_dtype)

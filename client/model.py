@@ -1,0 +1,114 @@
+"""The client's half of a model: embeddings, final norm and LM head locally, the blocks remote.
+
+`DistributedModelMixin` turns a transformers causal-LM class into one whose
+blocks are a RemoteSequential; from_pretrained loads only the local weights
+(transformers' own loader, told to ignore the blocks' tensors), and generate()
+runs over a remote inference session so each new token sends one hidden-state
+vector per span, not the whole prefix.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+from transformers import AutoConfig
+
+from corolla.bus.client import BusLoop, ConnectionPool
+from corolla.client.config import ClientConfig
+from corolla.client.remote_cache import RemotePastKeyValues
+from corolla.client.remote_sequential import RemoteSequential
+from corolla.client.routing import StaticRouter
+from corolla.client.session import InferenceSession
+from corolla.models.registry import family_for
+
+
+class DistributedModelMixin:
+    """Mixed into a transformers *ForCausalLM / *ForSequenceClassification class by each family."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^model\.layers\.", r"^transformer\.h\."]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        client_config = ClientConfig.pop_from(kwargs)
+        if "torch_dtype" in kwargs:  # Petals' and older transformers' spelling
+            kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
+        kwargs.setdefault("local_files_only", True)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        model.attach_swarm(client_config, model_id=os.path.basename(os.path.normpath(str(pretrained_model_name_or_path))))
+        return model
+
+    def attach_swarm(self, client_config: ClientConfig, model_id: str) -> None:
+        """Bind the remote blocks to workers; done after loading so construction needs no network."""
+        bus = BusLoop.get()
+        pool = ConnectionPool(bus.context)
+        router = StaticRouter(client_config.initial_peers, pool, model_id, client_config.request_timeout)
+        self.client_config = client_config
+        self.remote_layers.bind(client_config, router, pool, bus)
+
+    @property
+    def remote_layers(self) -> RemoteSequential:
+        return self.base_model_for_blocks.layers
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int):
+        """Within this context, successive generate() calls continue one remote session."""
+        layers = self.remote_layers
+        if layers.active_session is not None:
+            raise RuntimeError("an inference session is already active on this model")
+        with layers.inference_session(max_length) as session:
+            layers.active_session = session
+            try:
+                yield session
+            finally:
+                layers.active_session = None
+
+    def generate(self, inputs: torch.Tensor | None = None, *args, session: InferenceSession | None = None, **kwargs):
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        if kwargs.get("num_beams", 1) > 1:
+            raise NotImplementedError("beam search is not supported over the swarm; use greedy or sampling")
+        session = session or self.remote_layers.active_session
+        with contextlib.ExitStack() as stack:
+            if session is None:
+                session = stack.enter_context(self.remote_layers.inference_session(self._session_length(inputs, kwargs)))
+            if session.output_ids is not None:  # continue where the previous call stopped
+                inputs = session.output_ids if inputs is None else torch.cat([session.output_ids, inputs], dim=1)
+            kwargs.setdefault("past_key_values", RemotePastKeyValues(session))
+            result = super().generate(inputs, *args, **kwargs)
+            session.output_ids = result if isinstance(result, torch.Tensor) else result.sequences
+            return result
+
+    def _session_length(self, inputs: torch.Tensor | None, kwargs: dict) -> int:
+        prompt = 0 if inputs is None else inputs.shape[1]
+        if kwargs.get("max_new_tokens") is not None:
+            return prompt + kwargs["max_new_tokens"]
+        if kwargs.get("max_length") is not None:
+            return kwargs["max_length"]
+        config = kwargs.get("generation_config") or self.generation_config
+        if config.max_new_tokens is not None:
+            return prompt + config.max_new_tokens
+        return max(config.max_length, prompt + 1)
+
+
+class AutoDistributedModelForCausalLM:
+    """Picks the family's Distributed*ForCausalLM from the folder's config, as transformers' Auto classes do."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, local_files_only=True)
+        family = family_for(config)
+        if family.causal_lm is None:
+            raise ValueError(f"family {family.name} has no causal-LM client class")
+        return family.causal_lm().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
+
+class AutoDistributedModelForSequenceClassification:
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, local_files_only=True)
+        family = family_for(config)
+        if family.sequence_classification is None:
+            raise ValueError(f"family {family.name} has no sequence-classification client class")
+        return family.sequence_classification().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)

@@ -1,0 +1,98 @@
+"""Start worker processes on this machine and wait until each answers: the demo's, tests' and benchmarks' swarm."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
+
+READY = re.compile(r"corolla worker ready: (?P<endpoint>\S+) blocks (?P<start>\d+):(?P<end>\d+)")
+
+
+class LaunchError(RuntimeError):
+    pass
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen
+    endpoint: str = ""
+    start: int = 0
+    end: int = 0
+    output: list[str] = field(default_factory=list)
+    ready: threading.Event = field(default_factory=threading.Event)
+
+    def _drain(self) -> None:
+        for line in self.process.stdout:
+            self.output.append(line)
+            match = READY.search(line)
+            if match and not self.ready.is_set():
+                self.endpoint, self.start, self.end = match["endpoint"], int(match["start"]), int(match["end"])
+                self.ready.set()
+        self.ready.set()
+
+    def wait_ready(self, timeout: float = 120.0) -> "WorkerProcess":
+        if not self.ready.wait(timeout):
+            self.stop()
+            raise LaunchError(f"worker did not become ready in {timeout:.0f} s:\n{''.join(self.output[-20:])}")
+        if not self.endpoint:
+            raise LaunchError(f"worker exited with {self.process.wait()}:\n{''.join(self.output[-20:])}")
+        return self
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def spawn_worker(*args: str, env: dict | None = None, prefix: list[str] | None = None) -> WorkerProcess:
+    """Run `corolla worker ARGS...` in a child process; its output is drained in the background."""
+    argv = [*(prefix or []), sys.executable, "-m", "corolla", "worker", *args]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=full_env)
+    worker = WorkerProcess(process)
+    threading.Thread(target=worker._drain, daemon=True).start()
+    return worker
+
+
+def start_worker(*args: str, timeout: float = 120.0, **kwargs) -> WorkerProcess:
+    """Spawn a worker and return once it prints its ready line."""
+    return spawn_worker(*args, **kwargs).wait_ready(timeout)
+
+
+class LocalSwarm:
+    """Several workers on loopback, stopped together."""
+
+    def __init__(self, worker_args: list[list[str]], timeout: float = 120.0, **kwargs):
+        self.workers = [spawn_worker(*args, **kwargs) for args in worker_args]  # start together, load in parallel
+        try:
+            for worker in self.workers:
+                worker.wait_ready(timeout)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def endpoints(self) -> list[str]:
+        return [w.endpoint for w in self.workers]
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+
+    def __enter__(self) -> "LocalSwarm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

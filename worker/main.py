@@ -1,0 +1,66 @@
+"""A worker process: load the span, bind the ROUTER socket, serve until SIGTERM."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+import torch
+
+from corolla.bus.server import Server
+from corolla.worker.config import ConfigError, WorkerConfig
+from corolla.worker.loader import load_config, load_span
+from corolla.worker.service import WorkerService
+
+log = logging.getLogger(__name__)
+
+EXPIRY_INTERVAL = 5.0
+
+
+def choose_span(config: WorkerConfig, num_blocks: int) -> tuple[int, int]:
+    span = config.span()
+    if span is None:
+        if config.num_blocks is None:
+            raise ConfigError("give either blocks (start:end) or num_blocks")
+        if not 0 < config.num_blocks <= num_blocks:
+            raise ConfigError(f"num_blocks must be in 1..{num_blocks}")
+        span = (0, config.num_blocks)
+    if span[1] > num_blocks:
+        raise ConfigError(f"blocks {span[0]}:{span[1]} exceed the model's {num_blocks} blocks")
+    return span
+
+
+async def serve(config: WorkerConfig, ready=None) -> None:
+    """Run one worker until SIGTERM/SIGINT; `ready(service, endpoint)` is called once it answers requests."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model_config = load_config(config.model)
+    start, end = choose_span(config, model_config.num_hidden_layers)
+    span = await asyncio.to_thread(load_span, config.model, start, end, config.torch_dtype, config.device)
+    model_id = config.model_id or Path(config.model).resolve().name
+    service = WorkerService(span, config, model_id, model_config.num_hidden_layers, start, end,
+                            model_config.hidden_size)
+    server = Server(service.handle, f"tcp://{config.host}:{config.port}", max_bytes=config.max_message_bytes)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    serving = asyncio.create_task(server.serve())
+    expiry = asyncio.create_task(_expire_sessions(service))
+    if ready is not None:
+        ready(service, server.endpoint)
+    await stop.wait()
+    log.info("stopping: finishing %d requests in flight", len(server._tasks))
+    serving.cancel()
+    expiry.cancel()
+    await server.drain()
+    server.close()
+    service.close()
+
+
+async def _expire_sessions(service: WorkerService) -> None:
+    while True:
+        await asyncio.sleep(EXPIRY_INTERVAL)
+        for sid in service.sessions.expire():
+            log.info("session %s expired after %.0f s idle", sid, service.sessions.idle_timeout)

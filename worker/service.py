@@ -1,0 +1,201 @@
+"""What a worker does with each request: validate it against the span, then compute.
+
+Runs on the worker's event loop; the tensor work itself goes to the priority
+compute thread. Every check that can fail raises RequestError with a stable
+code, before any state changes, so a bad request leaves sessions untouched.
+"""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import torch
+
+from corolla.bus import wire
+from corolla.bus.errors import ErrorCode
+from corolla.bus.messages import (Ack, Backward, CloseSession, Forward, GradsReply, HiddenReply, InfoRequest,
+                                  OpenSession, Ping, Pong, Step, WorkerInfo)
+from corolla.bus.server import RequestError
+from corolla.worker.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, PRIORITY_TRAINING, PriorityExecutor
+from corolla.worker.config import WorkerConfig
+from corolla.worker.kv_cache import Session, SessionTable
+
+log = logging.getLogger(__name__)
+
+
+class WorkerService:
+    def __init__(self, span: torch.nn.Module, config: WorkerConfig, model_id: str, num_blocks: int, start: int,
+                 end: int, hidden_size: int):
+        self.span = span
+        self.config = config
+        self.model_id = model_id
+        self.num_blocks = num_blocks
+        self.start, self.end = start, end
+        self.hidden_size = hidden_size
+        self.dtype = config.torch_dtype
+        self.device = torch.device(config.device)
+        self.peer_id = uuid.uuid4().hex[:16]
+        self.sessions = SessionTable(config.cache_tokens, config.idle_timeout)
+        self.compute = PriorityExecutor()
+        self.started = time.time()
+
+    async def handle(self, envelope: wire.Envelope):
+        msg = envelope.message
+        if isinstance(msg, Ping):
+            return Pong()
+        if isinstance(msg, InfoRequest):
+            return self.info()
+        if isinstance(msg, Step):
+            session = self.sessions.get(msg.session_id)
+            return HiddenReply(await self.compute.submit(PRIORITY_INFERENCE, self._step, session, msg))
+        if isinstance(msg, OpenSession):
+            return self._open(msg)
+        if isinstance(msg, CloseSession):
+            self.sessions.close(msg.session_id)
+            return Ack()
+        if isinstance(msg, Forward):
+            self._check_request_span(msg.start, msg.end)
+            return HiddenReply(await self.compute.submit(PRIORITY_FORWARD, self._forward, msg))
+        if isinstance(msg, Backward):
+            self._check_request_span(msg.start, msg.end)
+            grads = await self.compute.submit(PRIORITY_TRAINING, self._backward, msg)
+            return GradsReply(*grads)
+        raise RequestError(ErrorCode.UNKNOWN_KIND, f"a worker does not serve {type(msg).KIND!r} requests")
+
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(peer_id=self.peer_id, model=self.model_id, start=self.start, end=self.end,
+                          num_blocks=self.num_blocks, dtype=self.config.dtype, version=wire.PROTOCOL_VERSION,
+                          cache_tokens_free=self.sessions.free_tokens, cache_tokens_total=self.sessions.budget_tokens)
+
+    # ---- validation, on the event loop ---------------------------------------------------
+
+    def _check_request_span(self, start: int, end: int) -> None:
+        if not self.start <= start < end <= self.end:
+            raise RequestError(ErrorCode.WRONG_BLOCKS,
+                               f"blocks {start}:{end} requested, this worker holds {self.start}:{self.end}")
+
+    def _open(self, msg: OpenSession) -> Ack:
+        self._check_request_span(msg.start, msg.end)
+        if not 0 < msg.batch_size <= self.config.max_batch_size:
+            raise RequestError(ErrorCode.BAD_REQUEST, f"batch size {msg.batch_size} not in 1..{self.config.max_batch_size}")
+        if not 0 < msg.max_length <= self.config.max_length:
+            raise RequestError(ErrorCode.BAD_REQUEST, f"max length {msg.max_length} not in 1..{self.config.max_length}")
+        if msg.adapter:
+            raise RequestError(ErrorCode.UNKNOWN_ADAPTER, f"this worker serves no adapter {msg.adapter!r}")
+        if not msg.session_id or len(msg.session_id) > 128:
+            raise RequestError(ErrorCode.BAD_REQUEST, "session id must be 1..128 characters")
+        self.sessions.open(Session(msg.session_id, msg.start, msg.end, msg.batch_size, msg.max_length,
+                                   cache=self.span.new_cache()))
+        return Ack()
+
+    def _check_hidden(self, hidden: torch.Tensor, batch: int | None = None) -> None:
+        if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
+            raise RequestError(ErrorCode.BAD_SHAPE,
+                               f"hidden states must be [batch, tokens, {self.hidden_size}], got {list(hidden.shape)}")
+        if not hidden.is_floating_point():
+            raise RequestError(ErrorCode.BAD_SHAPE, f"hidden states must be floating point, got {hidden.dtype}")
+        if batch is not None and hidden.shape[0] != batch:
+            raise RequestError(ErrorCode.BAD_SHAPE, f"session batch size is {batch}, got {hidden.shape[0]}")
+        if hidden.shape[0] > self.config.max_batch_size:
+            raise RequestError(ErrorCode.BAD_SHAPE, f"batch {hidden.shape[0]} over the limit {self.config.max_batch_size}")
+        if not torch.isfinite(hidden).all():
+            raise RequestError(ErrorCode.BAD_VALUE, "hidden states contain NaN or Inf")
+
+    def _check_aux(self, name: str, t: torch.Tensor | None, shape: tuple[int, int]) -> None:
+        if t is None:
+            return
+        if tuple(t.shape) != shape or t.is_floating_point():
+            raise RequestError(ErrorCode.BAD_SHAPE, f"{name} must be an integer tensor of shape {list(shape)}, "
+                                                    f"got {t.dtype} {list(t.shape)}")
+
+    def _check_prompts(self, prompts: torch.Tensor | None, n_blocks: int, batch: int) -> None:
+        if prompts is None:
+            return
+        if prompts.dim() != 4 or prompts.shape[0] != n_blocks or prompts.shape[1] not in (1, batch) \
+                or prompts.shape[3] != self.hidden_size or not prompts.is_floating_point():
+            raise RequestError(ErrorCode.BAD_SHAPE, f"prompts must be [{n_blocks}, batch, prefix, {self.hidden_size}]")
+
+    def _check_stateless(self, msg: Forward | Backward) -> None:
+        self._check_hidden(msg.hidden)
+        b, t = msg.hidden.shape[:2]
+        self._check_aux("attention_mask", msg.attention_mask, (b, t))
+        self._check_aux("position_ids", msg.position_ids, (b, t))
+        self._check_prompts(msg.prompts, msg.end - msg.start, b)
+        if t > self.config.max_length:
+            raise RequestError(ErrorCode.OUT_OF_RANGE, f"{t} tokens exceed the worker's max length {self.config.max_length}")
+        if msg.position_ids is not None and (msg.position_ids.min() < 0 or msg.position_ids.max() >= self.config.max_length):
+            raise RequestError(ErrorCode.OUT_OF_RANGE, "position ids out of range")
+
+    # ---- compute, on the compute thread ----------------------------------------------------
+
+    def _to_device(self, t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
+        return None if t is None else t.to(self.device, dtype or t.dtype)
+
+    def _run(self, hidden, mask, position_ids, cache, prompts, start, end):
+        return self.span(self._to_device(hidden, self.dtype), attention_mask=self._to_device(mask),
+                         position_ids=self._to_device(position_ids), cache=cache,
+                         prompts=self._to_device(prompts, self.dtype), first=start - self.start,
+                         last=end - self.start)
+
+    def _step(self, session: Session, msg: Step) -> torch.Tensor:
+        hidden = msg.hidden
+        self._check_hidden(hidden, session.batch_size)
+        b, t = hidden.shape[:2]
+        self._check_aux("attention_mask", msg.attention_mask, (b, t))
+        self._check_aux("position_ids", msg.position_ids, (b, t))
+        self._check_prompts(msg.prompts, session.end - session.start, b)
+        if not 0 <= msg.position <= session.position:
+            raise RequestError(ErrorCode.OUT_OF_RANGE,
+                               f"step at position {msg.position}, the session holds {session.position} tokens")
+        if msg.position + t > session.max_length:
+            raise RequestError(ErrorCode.OUT_OF_RANGE,
+                               f"{msg.position + t} tokens exceed the session's max length {session.max_length}")
+        if msg.position_ids is not None and (msg.position_ids.min() < 0 or msg.position_ids.max() >= session.max_length):
+            raise RequestError(ErrorCode.OUT_OF_RANGE, "position ids out of range")
+        if msg.position < session.position:  # a client re-sends from an earlier point: roll the cache back
+            session.cache.crop(msg.position)
+            session.position = msg.position
+            if session.mask is not None:
+                session.mask = session.mask[:, :msg.position]
+        if t == 0:
+            return hidden.new_zeros((b, 0, self.hidden_size))
+        mask = _extend_mask(session.mask, msg.attention_mask, b, session.position, t)
+        with torch.inference_mode():
+            out = self._run(hidden, mask, msg.position_ids, session.cache, msg.prompts, session.start, session.end)
+        session.mask = mask
+        session.position += t
+        return out
+
+    def _forward(self, msg: Forward) -> torch.Tensor:
+        self._check_stateless(msg)
+        with torch.inference_mode():
+            return self._run(msg.hidden, msg.attention_mask, msg.position_ids, None, msg.prompts, msg.start, msg.end)
+
+    def _backward(self, msg: Backward) -> tuple[torch.Tensor, torch.Tensor | None]:
+        self._check_stateless(msg)
+        if msg.grad_output.shape != msg.hidden.shape:
+            raise RequestError(ErrorCode.BAD_SHAPE, f"grad_output must match hidden {list(msg.hidden.shape)}")
+        hidden = self._to_device(msg.hidden, self.dtype).requires_grad_(True)
+        prompts = self._to_device(msg.prompts, self.dtype)
+        if prompts is not None:
+            prompts.requires_grad_(True)
+        with torch.enable_grad():
+            out = self._run(hidden, msg.attention_mask, msg.position_ids, None, prompts, msg.start, msg.end)
+            inputs = [hidden] if prompts is None else [hidden, prompts]
+            grads = torch.autograd.grad(out, inputs, self._to_device(msg.grad_output, out.dtype))
+        return grads[0], (grads[1] if prompts is not None else None)
+
+    def close(self) -> None:
+        self.compute.shutdown()
+
+
+def _extend_mask(past: torch.Tensor | None, new: torch.Tensor | None, batch: int, position: int, t: int):
+    """The session's 2D mask after appending `t` tokens; None while every token so far is real."""
+    if new is None and past is None:
+        return None
+    if new is not None and past is None and bool(new.all()):
+        return None
+    past = torch.ones(batch, position, dtype=torch.long) if past is None else past
+    new = torch.ones(batch, t, dtype=torch.long) if new is None else new.long()
+    return torch.cat([past, new], dim=1)
