@@ -82,6 +82,10 @@ class Server:
         if not self._closed:
             await self.socket.send_multipart([identity, *out], copy=False)
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
     async def drain(self) -> None:
         """Wait for the requests being answered now."""
         if self._tasks:

@@ -51,7 +51,7 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     if ready is not None:
         ready(service, server.endpoint)
     await stop.wait()
-    log.info("stopping: finishing %d requests in flight", len(server._tasks))
+    log.info("stopping: finishing %d requests in flight", server.in_flight)
     serving.cancel()
     expiry.cancel()
     await server.drain()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from typing import Any, Awaitable, Callable
 
 import torch
 
@@ -39,6 +40,11 @@ class WorkerService:
         self.sessions = SessionTable(config.cache_tokens, config.idle_timeout)
         self.compute = PriorityExecutor()
         self.started = time.time()
+        self._extra: dict[type, Callable[[Any], Awaitable[Any]]] = {}
+
+    def add_handler(self, kind: type, handler: Callable[[Any], Awaitable[Any]]) -> None:
+        """Serve another message kind on this worker's socket (discovery's gossip, for one)."""
+        self._extra[kind] = handler
 
     async def handle(self, envelope: wire.Envelope):
         msg = envelope.message
@@ -61,6 +67,9 @@ class WorkerService:
             self._check_request_span(msg.start, msg.end)
             grads = await self.compute.submit(PRIORITY_TRAINING, self._backward, msg)
             return GradsReply(*grads)
+        extra = self._extra.get(type(msg))
+        if extra is not None:
+            return await extra(msg)
         raise RequestError(ErrorCode.UNKNOWN_KIND, f"a worker does not serve {type(msg).KIND!r} requests")
 
     def info(self) -> WorkerInfo:
