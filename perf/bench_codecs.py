@@ -7,7 +7,12 @@ baseline. Timings are codec CPU time only, no sockets: encode from the tensor,
 decode from a read-only ``bytes`` copy of the frame (what a receiver holds),
 each the best of several repeats so scheduler noise does not count.
 
-    python perf/bench_codecs.py [--json PATH]
+    python perf/bench_codecs.py [--json PATH] [--threads N]
+
+With torch's default thread count, a CPU shared with other busy processes
+stalls each parallel op on a descheduled worker thread (measured: a 6 us cast
+took 8 ms with 2 threads on a loaded 2-core box), so compare runs at the same
+--threads and look at the logged machine line.
 """
 
 from __future__ import annotations
@@ -131,8 +136,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the rows (and the machine) as JSON here")
     parser.add_argument("--repeats", type=int, default=REPEATS)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--threads", type=int, help="torch intra-op threads; 1 avoids multi-ms stalls on a busy small box"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     machine = {
         "platform": platform.platform(),
