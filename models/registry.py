@@ -28,6 +28,8 @@ class Family:
     causal_lm: Callable[[], type] | None = None
     #: the client's sequence-classification class
     sequence_classification: Callable[[], type] | None = None
+    #: rewrites one block's checkpoint tensors (names relative to the block) into the block's own layout
+    adapt_block: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
 
 def register(family: Family) -> Family:

@@ -34,12 +34,12 @@ class RotarySpan(nn.Module):
         self._mask_fn: Callable = (create_sliding_window_causal_mask
                                    if getattr(config, "sliding_window", None) else create_causal_mask)
 
-    def checkpoint_key(self, key: str, block_prefix: str) -> str | None:
-        """Map a checkpoint tensor name to this module's parameter name, or None if it is not ours."""
+    def checkpoint_key(self, key: str, block_prefix: str) -> tuple[int, str] | None:
+        """(local block index, name within the block) of a checkpoint tensor, or None if it is not ours."""
         for i in range(self.end - self.start):
             prefix = block_prefix.format(i=self.start + i)
             if key.startswith(prefix):
-                return f"layers.{i}.{key[len(prefix):]}"
+                return i, key[len(prefix):]
         return None
 
     def new_cache(self) -> DynamicCache:

@@ -59,24 +59,31 @@ def load_span(folder: str | Path, start: int, end: int, dtype: torch.dtype = tor
     # Buffers computed at construction (rotary tables) are not in the checkpoint: rebuild them for real.
     with torch.device(device):
         rotary = type(span.rotary_emb)(config=config)
-    expected = {name for name, _ in span.named_parameters()}
-    wanted: dict[Path, list[tuple[str, str]]] = {}
+    wanted: dict[Path, list[tuple[str, int, str]]] = {}
     for key, file in tensor_locations(folder).items():
         local = span.checkpoint_key(key, family.block_prefix)
         if local is not None:
-            wanted.setdefault(file, []).append((key, local))
-    missing = expected - {local for pairs in wanted.values() for _, local in pairs}
+            wanted.setdefault(file, []).append((key, *local))
+    blocks: list[dict[str, torch.Tensor]] = [{} for _ in range(end - start)]
+    total = sum(len(entries) for entries in wanted.values())
+    with tqdm(total=total, desc=f"loading blocks {start}:{end}", unit="tensor", disable=not progress) as bar:
+        for file, entries in wanted.items():
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for key, block, name in entries:
+                    blocks[block][name] = f.get_tensor(key).to(dtype=dtype)
+                    bar.update()
+    state = {}
+    for i, block in enumerate(blocks):
+        if family.adapt_block is not None:
+            block = family.adapt_block(block)
+        state.update({f"layers.{i}.{name}": t.to(device) for name, t in block.items()})
+    missing = {name for name, _ in span.named_parameters() if not name.startswith("rotary_emb.")} - state.keys()
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors of blocks {start}:{end}, e.g. {sorted(missing)[0]}")
-    state = {}
-    total = sum(len(pairs) for pairs in wanted.values())
-    with tqdm(total=total, desc=f"loading blocks {start}:{end}", unit="tensor", disable=not progress) as bar:
-        for file, pairs in wanted.items():
-            with safe_open(file, framework="pt", device="cpu") as f:
-                for key, local in pairs:
-                    state[local] = f.get_tensor(key).to(device=device, dtype=dtype)
-                    bar.update()
     span.load_state_dict(state, strict=False, assign=True)
+    leftover = [name for name, p in span.named_parameters() if p.is_meta and not name.startswith("rotary_emb.")]
+    if leftover:
+        raise CheckpointError(f"blocks {start}:{end}: no weights for {leftover[:3]}")
     span.rotary_emb = rotary
     span.eval().requires_grad_(False)
     log.info("loaded blocks %d:%d of %s (%d tensors) as %s on %s", start, end, folder, total, dtype, device)

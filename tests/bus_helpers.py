@@ -1,0 +1,46 @@
+"""An echo server on a real ROUTER socket in a background thread, for testing the bus alone."""
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from corolla.bus.messages import Forward, HiddenReply, Ping, Pong
+from corolla.bus.server import Server
+
+
+async def echo(envelope):
+    msg = envelope.message
+    if isinstance(msg, Ping):
+        return Pong()
+    if isinstance(msg, Forward):
+        return HiddenReply(msg.hidden)
+    raise ValueError("echo serves ping and forward only")
+
+
+class EchoServer:
+    def __init__(self, max_bytes: int = 64 << 20):
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.max_bytes = max_bytes
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.ready.wait(10)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+        import zmq.asyncio
+        self.context = zmq.asyncio.Context()
+        self.server = Server(echo, "tcp://127.0.0.1:0", max_bytes=self.max_bytes, context=self.context)
+        self.endpoint = self.server.endpoint
+        self.task = self.loop.create_task(self.server.serve())
+        self.ready.set()
+        self.loop.run_forever()
+
+    def close(self):
+        async def shutdown():
+            self.server.close()
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)

@@ -1,0 +1,167 @@
+"""Workers serve spans; a client generates through the chain exactly as the local model does."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from corolla import AutoDistributedModelForCausalLM
+from corolla.bus.client import BusLoop, Connection
+from corolla.bus.errors import ErrorCode, RemoteError
+from corolla.bus.messages import OpenSession, Step
+from corolla.worker.launcher import LocalSwarm
+from tests.conftest import worker_args
+
+pytestmark = pytest.mark.slow
+EXACT = dict(wire_dtype=None)  # float32 on the wire: comparisons to 1e-4 need the computed values
+
+
+def remote(folder, swarm, **kwargs):
+    return AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=swarm.endpoints, **{**EXACT, **kwargs})
+
+
+@pytest.mark.parametrize("spans", [["0:15", "15:30"], ["0:10", "10:20", "20:30"]], ids=["2 workers", "3 workers"])
+def test_smollm_logits_match_local(smollm_folder, smollm_local, smollm_tokenizer, spans):
+    ids = smollm_tokenizer(["A cat sat on the mat and looked at the dog."], return_tensors="pt").input_ids
+    with LocalSwarm(worker_args(smollm_folder, spans)) as swarm:
+        model = remote(smollm_folder, swarm)
+        with torch.no_grad():
+            got, want = model(ids).logits, smollm_local(ids).logits
+    assert (got - want).abs().max() < 1e-4
+
+
+def test_second_family_logits_match_local(tiny_mixtral_folder):
+    from transformers import AutoModelForCausalLM
+    local = AutoModelForCausalLM.from_pretrained(tiny_mixtral_folder).eval()
+    ids = torch.randint(0, 512, (2, 11))
+    with LocalSwarm(worker_args(tiny_mixtral_folder, ["0:1", "1:3", "3:4"])) as swarm:
+        model = remote(tiny_mixtral_folder, swarm)
+        assert type(model).__name__ == "DistributedMixtralForCausalLM"
+        with torch.no_grad():
+            got, want = model(ids).logits, local(ids).logits
+        assert (got - want).abs().max() < 1e-4
+        out = model.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    assert torch.equal(out, local.generate(ids[:1], max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.parametrize("prompt", ["A", "A cat sat on the mat. Then the cat"], ids=["one token", "long prompt"])
+def test_greedy_generation_is_token_identical(smollm_folder, smollm_swarm, smollm_local, smollm_tokenizer, prompt):
+    ids = smollm_tokenizer(prompt, return_tensors="pt").input_ids
+    model = remote(smollm_folder, smollm_swarm)
+    want = smollm_local.generate(ids, max_new_tokens=32, do_sample=False)
+    got = model.generate(ids, max_new_tokens=32, do_sample=False)
+    assert torch.equal(got, want), smollm_tokenizer.decode(got[0])
+
+
+def test_padded_batch_honours_attention_mask(smollm_folder, smollm_swarm, smollm_local, smollm_tokenizer):
+    smollm_tokenizer.padding_side = "left"
+    batch = smollm_tokenizer(["A cat sat", "Once upon a time, in a land far away, there"], return_tensors="pt",
+                             padding=True)
+    assert (batch.attention_mask == 0).any()
+    model = remote(smollm_folder, smollm_swarm)
+    kwargs = dict(max_new_tokens=32, do_sample=False, pad_token_id=smollm_tokenizer.eos_token_id)
+    want = smollm_local.generate(**batch, **kwargs)
+    got = model.generate(**batch, **kwargs)
+    assert torch.equal(got, want)
+    # each row also equals its unpadded solo run
+    for row, prompt in enumerate(["A cat sat", "Once upon a time, in a land far away, there"]):
+        solo = smollm_local.generate(**smollm_tokenizer(prompt, return_tensors="pt"), **kwargs)
+        assert smollm_tokenizer.decode(got[row], skip_special_tokens=True) == smollm_tokenizer.decode(solo[0], skip_special_tokens=True)
+
+
+def test_sampling_with_seed_matches_local(smollm_folder, smollm_swarm, smollm_local, smollm_tokenizer):
+    ids = smollm_tokenizer("The weather today", return_tensors="pt").input_ids
+    model = remote(smollm_folder, smollm_swarm)
+    kwargs = dict(max_new_tokens=16, do_sample=True, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.1)
+    torch.manual_seed(1234)
+    want = smollm_local.generate(ids, **kwargs)
+    torch.manual_seed(1234)
+    got = model.generate(ids, **kwargs)
+    assert torch.equal(got, want)
+
+
+def test_petals_style_session_api(smollm_folder, smollm_swarm, smollm_local, smollm_tokenizer):
+    ids = smollm_tokenizer("A cat sat", return_tensors="pt").input_ids
+    model = remote(smollm_folder, smollm_swarm)
+    want = smollm_local.generate(ids, max_new_tokens=12, do_sample=False)
+    with model.inference_session(max_length=32) as session:
+        first = model.generate(ids, max_new_tokens=4, do_sample=False)
+        rest = model.generate(None, max_new_tokens=8, do_sample=False)
+        assert session.position == want.shape[1] - 1
+    assert torch.equal(first, want[:, :ids.shape[1] + 4])
+    assert torch.equal(rest, want)
+
+    # manual stepping: several tokens at once, an empty step, then one token; hidden states visible
+    embeds = model.model.embed_tokens(want)
+    with torch.no_grad(), model.model.layers.inference_session(max_length=32) as session:
+        h1 = session.step(embeds[:, :5])
+        h0 = session.step(embeds[:, 5:5])
+        h2 = session.step(embeds[:, 5:6])
+        local_hidden = smollm_local.model(want[:, :6], output_hidden_states=True).hidden_states[-1]
+    assert h0.shape == (1, 0, 576)
+    got = model.model.norm(torch.cat([h1, h2], dim=1))
+    assert (got - local_hidden).abs().max() < 1e-4
+
+
+def test_two_sessions_at_once_do_not_disturb_each_other(smollm_folder, smollm_swarm, smollm_local, smollm_tokenizer):
+    prompts = ["A cat sat", "The capital of France is"]
+    wants = [smollm_local.generate(smollm_tokenizer(p, return_tensors="pt").input_ids, max_new_tokens=24,
+                                   do_sample=False) for p in prompts]
+    model = remote(smollm_folder, smollm_swarm)
+    results = {}
+
+    def run(i):
+        results[i] = model.generate(smollm_tokenizer(prompts[i], return_tensors="pt").input_ids, max_new_tokens=24,
+                                    do_sample=False)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i in range(2):
+        assert torch.equal(results[i], wants[i])
+
+
+def _request(endpoint, msg):
+    bus = BusLoop.get()
+
+    async def go():
+        conn = Connection(endpoint, bus.context)
+        try:
+            return await conn.request(msg, 10.0)
+        finally:
+            await conn.close()
+
+    return bus.run(go())
+
+
+def test_session_errors_closed_expired_and_budget(tiny_llama_folder):
+    args = worker_args(tiny_llama_folder, ["0:4"], "--cache-tokens", "100", "--idle-timeout", "1")
+    with LocalSwarm(args) as swarm:
+        endpoint = swarm.endpoints[0]
+        hidden = torch.randn(1, 3, 64)
+        _request(endpoint, OpenSession("s1", 0, 4, 1, 60))
+        _request(endpoint, Step("s1", hidden, 0))
+        with pytest.raises(RemoteError) as e:
+            _request(endpoint, OpenSession("s2", 0, 4, 1, 60))  # 60 + 60 > 100 tokens
+        assert e.value.code == ErrorCode.CACHE_FULL
+        _request(endpoint, REGISTRY_CLOSE("s1"))
+        with pytest.raises(RemoteError) as e:
+            _request(endpoint, Step("s1", hidden, 3))
+        assert e.value.code == ErrorCode.UNKNOWN_SESSION
+        _request(endpoint, OpenSession("s2", 0, 4, 1, 60))  # the budget came back
+        time.sleep(7)  # idle timeout 1 s, checked every 5 s
+        with pytest.raises(RemoteError) as e:
+            _request(endpoint, Step("s2", hidden, 0))
+        assert e.value.code == ErrorCode.UNKNOWN_SESSION
+        with pytest.raises(RemoteError) as e:
+            _request(endpoint, OpenSession("s3", 2, 6, 1, 8))
+        assert e.value.code == ErrorCode.WRONG_BLOCKS
+
+
+def REGISTRY_CLOSE(session_id):
+    from corolla.bus.messages import CloseSession
+    return CloseSession(session_id)
