@@ -63,14 +63,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _convert(args) -> None:
-    from corolla.models.convert import convert, is_converted
     from pathlib import Path
+
+    from corolla.models.convert import convert
     out = Path(args.out) if args.out else None
     folder = convert(out, force=args.force)
     print(f"model folder: {folder}")
 
 
 def _worker(args) -> None:
+    # Idle OpenMP threads of a worker must not spin while the next worker of the chain computes on the same cores.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from corolla.worker.config import WorkerConfig
     from corolla.worker.main import serve
 

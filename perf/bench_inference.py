@@ -1,0 +1,106 @@
+"""Swarm vs one process, side by side: single-batch decode steps/s and parallel forward tokens/s.
+
+    python perf/bench_inference.py [--threads 2] [--new-tokens 64] [--json perf/out/bench_inference.json]
+
+The same SmolLM2-135M runs (a) locally in this process with transformers'
+generate() and forward, and (b) through 2 worker processes on loopback
+(blocks 0:15 and 15:30) with the Corolla client. Both use the same torch thread
+count, and each worker uses it too: the chain's workers compute one after
+another, never at once, in single-batch decode. Ratios are swarm / local.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+log = logging.getLogger("bench_inference")
+
+
+def decode_steps_per_s(model, prompt_ids, new_tokens, repeats) -> float:
+    """Steps/s of the decode phase alone: (time for N+1 tokens - time for 1 token) / N."""
+    def timed(n):
+        start = time.perf_counter()
+        model.generate(prompt_ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - start
+    best = float("inf")
+    for _ in range(repeats):
+        best = min(best, (timed(new_tokens + 1) - timed(1)) / new_tokens)
+    return 1.0 / best
+
+
+def forward_tokens_per_s(model, batch, seq, repeats, vocab) -> float:
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    model(ids[:1, :8])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(ids)
+        best = min(best, time.perf_counter() - start)
+    return batch * seq / best
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--wire", default="float16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--json", default="perf/out/bench_inference.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoModelForCausalLM
+
+    from corolla import AutoDistributedModelForCausalLM
+    from corolla.models.convert import convert
+    from corolla.worker.launcher import LocalSwarm
+
+    folder = str(convert())
+    local = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
+    vocab = local.config.vocab_size
+    prompt = torch.randint(0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
+    results = {}
+    with torch.inference_mode():
+        log.info("local: decode")
+        results["local"] = {"decode_steps_s": decode_steps_per_s(local, prompt, args.new_tokens, args.repeats)}
+        for b in (1, 16):
+            log.info("local: forward batch %d", b)
+            results["local"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(local, b, 128, args.repeats, vocab)
+        worker_args = [["--model", folder, "--blocks", span, "--threads", str(args.threads)] for span in ("0:15", "15:30")]
+        log.info("starting 2 workers")
+        with LocalSwarm(worker_args) as swarm:
+            wire = getattr(torch, args.wire)
+            remote = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=swarm.endpoints,
+                                                                     wire_dtype=wire)
+            log.info("swarm: decode")
+            results["swarm"] = {"decode_steps_s": decode_steps_per_s(remote, prompt, args.new_tokens, args.repeats)}
+            for b in (1, 16):
+                log.info("swarm: forward batch %d", b)
+                results["swarm"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(remote, b, 128, args.repeats, vocab)
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
+    print(f"\nSmolLM2-135M, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; swarm = 2 workers on "
+          f"loopback, {args.wire} on the wire; {machine}; {date.today()}")
+    print(f"{'metric':28} {'local':>10} {'swarm':>10} {'ratio':>7}")
+    for key, label in (("decode_steps_s", "decode steps/s (batch 1)"), ("forward_b1_tok_s", "forward tokens/s, batch 1"),
+                       ("forward_b16_tok_s", "forward tokens/s, batch 16")):
+        a, b = results["local"][key], results["swarm"][key]
+        print(f"{label:28} {a:10.1f} {b:10.1f} {b / a:7.2f}")
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": machine, "date": str(date.today()), "args": vars(args), **results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
