@@ -17,7 +17,7 @@ class RemotePastKeyValues(Cache):
         self.session = session
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.session.position
+        return self.session.position - self.session.prefix_length
 
     @property
     def is_compileable(self) -> bool:

@@ -28,6 +28,7 @@ class InferenceSession:
         self.max_length = max_length
         self.session_id = uuid.uuid4().hex
         self.position = 0  # tokens already in the workers' caches
+        self.prefix_length = 0  # trainable prompt tokens at the front of the cache (ptune), unseen by generate()
         self.output_ids: torch.Tensor | None = None  # tokens of earlier generate() calls, for continuing
         self.batch_size: int | None = None
         self._hops: list[Hop] | None = None

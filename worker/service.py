@@ -18,6 +18,7 @@ from corolla.bus.errors import ErrorCode
 from corolla.bus.messages import (Ack, Backward, CloseSession, Forward, GradsReply, HiddenReply, InfoRequest,
                                   OpenSession, Ping, Pong, Step, WorkerInfo)
 from corolla.bus.server import RequestError
+from corolla.worker.adapters import AdapterSet
 from corolla.worker.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, PRIORITY_TRAINING, PriorityExecutor
 from corolla.worker.config import WorkerConfig
 from corolla.worker.kv_cache import Session, SessionTable
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 class WorkerService:
     def __init__(self, span: torch.nn.Module, config: WorkerConfig, model_id: str, num_blocks: int, start: int,
-                 end: int, hidden_size: int):
+                 end: int, hidden_size: int, adapters: AdapterSet | None = None):
         self.span = span
         self.config = config
         self.model_id = model_id
@@ -38,6 +39,7 @@ class WorkerService:
         self.device = torch.device(config.device)
         self.peer_id = uuid.uuid4().hex[:16]
         self.sessions = SessionTable(config.cache_tokens, config.idle_timeout)
+        self.adapters = adapters
         self.compute = PriorityExecutor()
         self.started = time.time()
         self._extra: dict[type, Callable[[Any], Awaitable[Any]]] = {}
@@ -62,9 +64,11 @@ class WorkerService:
             return Ack()
         if isinstance(msg, Forward):
             self._check_request_span(msg.start, msg.end)
+            self._check_adapter(msg.adapter)
             return HiddenReply(await self.compute.submit(PRIORITY_FORWARD, self._forward, msg))
         if isinstance(msg, Backward):
             self._check_request_span(msg.start, msg.end)
+            self._check_adapter(msg.adapter)
             grads = await self.compute.submit(PRIORITY_TRAINING, self._backward, msg)
             return GradsReply(*grads)
         extra = self._extra.get(type(msg))
@@ -75,7 +79,8 @@ class WorkerService:
     def info(self) -> WorkerInfo:
         return WorkerInfo(peer_id=self.peer_id, model=self.model_id, start=self.start, end=self.end,
                           num_blocks=self.num_blocks, dtype=self.config.dtype, version=wire.PROTOCOL_VERSION,
-                          cache_tokens_free=self.sessions.free_tokens, cache_tokens_total=self.sessions.budget_tokens)
+                          cache_tokens_free=self.sessions.free_tokens, cache_tokens_total=self.sessions.budget_tokens,
+                          adapters=self.adapters.names if self.adapters else [])
 
     # ---- validation, on the event loop ---------------------------------------------------
 
@@ -90,13 +95,18 @@ class WorkerService:
             raise RequestError(ErrorCode.BAD_REQUEST, f"batch size {msg.batch_size} not in 1..{self.config.max_batch_size}")
         if not 0 < msg.max_length <= self.config.max_length:
             raise RequestError(ErrorCode.BAD_REQUEST, f"max length {msg.max_length} not in 1..{self.config.max_length}")
-        if msg.adapter:
-            raise RequestError(ErrorCode.UNKNOWN_ADAPTER, f"this worker serves no adapter {msg.adapter!r}")
+        self._check_adapter(msg.adapter)
         if not msg.session_id or len(msg.session_id) > 128:
             raise RequestError(ErrorCode.BAD_REQUEST, "session id must be 1..128 characters")
         self.sessions.open(Session(msg.session_id, msg.start, msg.end, msg.batch_size, msg.max_length,
-                                   cache=self.span.new_cache()))
+                                   cache=self.span.new_cache(), adapter=msg.adapter))
         return Ack()
+
+    def _check_adapter(self, name: str) -> None:
+        if self.adapters is not None:
+            self.adapters.check(name)
+        elif name:
+            raise RequestError(ErrorCode.UNKNOWN_ADAPTER, f"this worker serves no adapters, asked for {name!r}")
 
     def _check_hidden(self, hidden: torch.Tensor, batch: int | None = None) -> None:
         if hidden.dim() != 3 or hidden.shape[-1] != self.hidden_size:
@@ -141,7 +151,9 @@ class WorkerService:
     def _to_device(self, t: torch.Tensor | None, dtype: torch.dtype | None = None) -> torch.Tensor | None:
         return None if t is None else t.to(self.device, dtype or t.dtype)
 
-    def _run(self, hidden, mask, position_ids, cache, prompts, start, end):
+    def _run(self, hidden, mask, position_ids, cache, prompts, start, end, adapter):
+        if self.adapters is not None:
+            self.adapters.activate(adapter)
         return self.span(self._to_device(hidden, self.dtype), attention_mask=self._to_device(mask),
                          position_ids=self._to_device(position_ids), cache=cache,
                          prompts=self._to_device(prompts, self.dtype), first=start - self.start,
@@ -171,7 +183,8 @@ class WorkerService:
             return hidden.new_zeros((b, 0, self.hidden_size))
         mask = _extend_mask(session.mask, msg.attention_mask, b, session.position, t)
         with torch.inference_mode():
-            out = self._run(hidden, mask, msg.position_ids, session.cache, msg.prompts, session.start, session.end)
+            out = self._run(hidden, mask, msg.position_ids, session.cache, msg.prompts, session.start, session.end,
+                            session.adapter)
         session.mask = mask
         session.position += t
         return out
@@ -179,7 +192,8 @@ class WorkerService:
     def _forward(self, msg: Forward) -> torch.Tensor:
         self._check_stateless(msg)
         with torch.inference_mode():
-            return self._run(msg.hidden, msg.attention_mask, msg.position_ids, None, msg.prompts, msg.start, msg.end)
+            return self._run(msg.hidden, msg.attention_mask, msg.position_ids, None, msg.prompts, msg.start, msg.end,
+                             msg.adapter)
 
     def _backward(self, msg: Backward) -> tuple[torch.Tensor, torch.Tensor | None]:
         self._check_stateless(msg)
@@ -190,7 +204,8 @@ class WorkerService:
         if prompts is not None:
             prompts.requires_grad_(True)
         with torch.enable_grad():
-            out = self._run(hidden, msg.attention_mask, msg.position_ids, None, prompts, msg.start, msg.end)
+            out = self._run(hidden, msg.attention_mask, msg.position_ids, None, prompts, msg.start, msg.end,
+                            msg.adapter)
             inputs = [hidden] if prompts is None else [hidden, prompts]
             grads = torch.autograd.grad(out, inputs, self._to_device(msg.grad_output, out.dtype))
         return grads[0], (grads[1] if prompts is not None else None)
