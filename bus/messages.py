@@ -149,18 +149,18 @@ REPLY_KINDS = frozenset({"pong", "ok", "hidden", "grads", "worker_info", "error"
 @message("gossip_digest")
 class GossipDigest:
     """Push-pull gossip, step 1: what the sender knows, one packed record (peer key, version, heartbeat,
-    heartbeat age in ms) per peer. Packed, not a list, so a 10,000-peer digest is 200 kB and compares in
-    microseconds. An empty digest gets the whole table back: that is how a client pulls it."""
+    heartbeat age in ms) per peer, as a uint8 tensor: a 10,000-peer digest is 200 kB and compares in
+    microseconds. No digest gets the whole table back: that is how a client pulls it."""
 
-    digest: bytes = b""
+    digest: Tensor | None = None
 
 
 @message("gossip_entries")
 class GossipEntries:
     """Push-pull gossip, step 2 (the answer to a digest) and step 3 (the push of what was wanted): full
     entries the other side lacks or holds at an older version, newer heartbeats of entries it holds (packed
-    like a digest), and the packed peer keys whose full entries this side wants."""
+    like a digest), and the packed 8-byte keys of the peers whose full entries this side wants."""
 
     entries: list[dict] = field(default_factory=list)
-    beats: bytes = b""
-    want: bytes = b""
+    beats: Tensor | None = None
+    want: Tensor | None = None

@@ -17,6 +17,13 @@ class ClientConfig:
     active_adapter: str = ""
     tuning_mode: str | None = None  # None, "ptune" or "deep_ptune"
     pre_seq_len: int = 0
+    # discovery and routing (see client/routing.py, corolla.discovery)
+    allowed_servers: list[str] = field(default_factory=list)  # peer ids or endpoints; if any, route only via these
+    blocked_servers: list[str] = field(default_factory=list)  # peer ids or endpoints never routed through
+    routing: str = "latency"  # "latency": fastest chain per token; "throughput": spread requests over replicas
+    mdns: bool = True  # with no initial_peers, find workers by mDNS
+    interfaces: list[str] = field(default_factory=list)  # mDNS interfaces (names or IPv4); default: non-loopback
+    discovery_timeout: float = 10.0  # how long a chain waits for discovery to find blocks it lacks
 
     @classmethod
     def pop_from(cls, kwargs: dict) -> "ClientConfig":

@@ -1,17 +1,54 @@
-"""Choosing the chain of workers that together run blocks [0, L).
+"""Choosing the chain of workers that together run blocks [start, end).
 
-Everything that needs a chain asks a Router; where the router learns about
-workers (a static list now, discovery later) is its own business.
+Everything that needs a chain asks a Router. `StaticRouter` follows a list of
+workers in the user's order; `SwarmRouter` routes over a SwarmView (gossip,
+mDNS) as a shortest path over block boundaries: a hop runs blocks [a, b) on
+one worker whose span contains them (so chains may enter a span in its middle
+and spans may overlap), and costs
+
+* latency mode (inference): the worker's measured RTT + (b - a) x its
+  per-block compute time (1 / announced throughput); the chain minimises the
+  expected time per token;
+* throughput mode (stateless forward/backward): the same cost, times a
+  random factor in [1, 1 + THROUGHPUT_SPREAD) drawn per worker and request,
+  so concurrent requests spread over replicas of similar speed.
+
+RTTs come from the bus's Ping, measured before a worker is first used and
+refreshed in the background on the bus loop.
 """
 from __future__ import annotations
 
 import asyncio
+import heapq
+import logging
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from corolla.bus.client import ConnectionPool
+from corolla.bus import wire
+from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.errors import CorollaError, MissingBlocksError
-from corolla.bus.messages import InfoRequest, WorkerInfo
+from corolla.bus.messages import InfoRequest, Ping, WorkerInfo
+from corolla.discovery.entry import PeerEntry
+from corolla.discovery.view import SwarmView
+
+log = logging.getLogger(__name__)
+
+LATENCY = "latency"
+THROUGHPUT = "throughput"
+MODES = (LATENCY, THROUGHPUT)
+THROUGHPUT_SPREAD = 0.5
+PING_TIMEOUT_S = 2.0
+PING_SAMPLES = 3  # the first ping of a new connection also pays for the TCP handshake: keep the fastest
+RTT_REFRESH_S = 10.0
+RTT_SMOOTHING = 0.3  # weight of a new sample in the running RTT estimate
+UNREACHABLE_RTT_S = 10.0  # a worker that did not answer a ping: used only if nothing else covers its blocks
+UNKNOWN_BLOCK_S = 0.005  # per-block compute time when no worker announces a throughput
+VIEW_POLL_S = 0.5  # while waiting for discovery to fill a gap
 
 
 @dataclass(frozen=True)
@@ -24,7 +61,7 @@ class Hop:
 
 
 class Router(Protocol):
-    async def chain(self, start: int, end: int) -> list[Hop]: ...
+    async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]: ...
 
 
 class StaticRouter:
@@ -45,14 +82,217 @@ class StaticRouter:
                 *(self.pool.get(e).request(InfoRequest(), self.timeout) for e in self.endpoints)))
         return self._infos
 
-    async def chain(self, start: int, end: int) -> list[Hop]:
+    async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
         hops, position = [], start
         for endpoint, info in zip(self.endpoints, await self.infos()):
             if position >= end:
                 break
-            if info.start <= position < info.end:
+            if endpoint not in exclude and info.start <= position < info.end:
                 hops.append(Hop(endpoint, position, min(info.end, end)))
                 position = hops[-1].end
         if position < end:
             raise MissingBlocksError(self.model_id or "the model", [(position, end)])
         return hops
+
+
+# ---- the shortest chain ----------------------------------------------------------------------
+
+
+def uncovered(peers: Iterable[PeerEntry], start: int, end: int) -> list[tuple[int, int]]:
+    """Runs of blocks in [start, end) that no peer serves."""
+    served = set()
+    for p in peers:
+        served.update(range(max(p.start, start), min(p.end, end)))
+    gaps: list[tuple[int, int]] = []
+    for b in range(start, end):
+        if b in served:
+            continue
+        if gaps and gaps[-1][1] == b:
+            gaps[-1] = (gaps[-1][0], b + 1)
+        else:
+            gaps.append((b, b + 1))
+    return gaps
+
+
+def route(peers: Sequence[PeerEntry], start: int, end: int, hop_cost: Callable[[PeerEntry, int], float],
+          model: str = "the model") -> tuple[list[Hop], float]:
+    """Cheapest chain of hops over [start, end) and its cost; `hop_cost(peer, blocks)`.
+
+    Dijkstra over block boundaries. Costs are linear in blocks within a peer, so
+    switching workers only pays at some span's start or end: those are the nodes.
+    """
+    points = sorted({start, end} | {x for p in peers for x in (p.start, p.end) if start < x < end})
+    best = {start: 0.0}
+    came: dict[int, tuple[int, PeerEntry]] = {}
+    heap = [(0.0, start)]
+    while heap:
+        cost, pos = heapq.heappop(heap)
+        if pos == end:
+            break
+        if cost > best[pos]:
+            continue
+        for peer in peers:
+            if not peer.start <= pos < peer.end:
+                continue
+            for q in points:
+                if q <= pos or q > min(peer.end, end):
+                    continue
+                c = cost + hop_cost(peer, q - pos)
+                if c < best.get(q, math.inf):
+                    best[q] = c
+                    came[q] = (pos, peer)
+                    heapq.heappush(heap, (c, q))
+    if end not in best:
+        raise MissingBlocksError(model, uncovered(peers, start, end))
+    hops, pos = [], end
+    while pos != start:
+        prev, peer = came[pos]
+        hops.append(Hop(peer.endpoint, prev, pos))
+        pos = prev
+    return hops[::-1], best[end]
+
+
+# ---- RTTs ------------------------------------------------------------------------------------
+
+
+class RttTracker:
+    """Round-trip times to workers, from Ping; runs on the bus loop."""
+
+    def __init__(self, pool: ConnectionPool, timeout: float = PING_TIMEOUT_S):
+        self.pool = pool
+        self.timeout = timeout
+        self.rtt: dict[str, float] = {}
+        self.unreachable: set[str] = set()
+
+    def get(self, endpoint: str) -> float:
+        return UNREACHABLE_RTT_S if endpoint in self.unreachable else self.rtt.get(endpoint, UNREACHABLE_RTT_S)
+
+    async def ping(self, endpoint: str, samples: int = 1) -> None:
+        best = math.inf
+        try:
+            for _ in range(samples):
+                started = time.perf_counter()
+                await self.pool.get(endpoint).request(Ping(), self.timeout)
+                best = min(best, time.perf_counter() - started)
+        except Exception as e:
+            log.info("worker %s did not answer a ping: %s", endpoint, e)
+            self.unreachable.add(endpoint)
+            return
+        self.unreachable.discard(endpoint)
+        old = self.rtt.get(endpoint)
+        self.rtt[endpoint] = best if old is None else (1 - RTT_SMOOTHING) * old + RTT_SMOOTHING * best
+
+    async def ensure(self, endpoints: Iterable[str]) -> None:
+        """Measure workers never measured (the fastest of a few pings, concurrently)."""
+        new = [e for e in dict.fromkeys(endpoints) if e not in self.rtt and e not in self.unreachable]
+        await asyncio.gather(*(self.ping(e, PING_SAMPLES) for e in new))
+
+    async def refresh(self, endpoints: Callable[[], Iterable[str]]) -> None:
+        while True:
+            await asyncio.sleep(RTT_REFRESH_S)
+            await asyncio.gather(*(self.ping(e) for e in dict.fromkeys(endpoints())))
+
+
+# ---- the router --------------------------------------------------------------------------------
+
+
+class SwarmRouter:
+    """Chains over whatever the SwarmView knows of `model_id`; use from the bus loop."""
+
+    def __init__(self, view: SwarmView, model_id: str, num_blocks: int, pool: ConnectionPool, mode: str = LATENCY,
+                 allowed: Iterable[str] = (), blocked: Iterable[str] = (), discovery_timeout: float = 10.0,
+                 observer=None, rng: random.Random | None = None):
+        if mode not in MODES:
+            raise CorollaError(f"routing must be one of {', '.join(MODES)}, not {mode!r}")
+        self.view = view
+        self.model_id = model_id
+        self.num_blocks = num_blocks
+        self.mode = mode
+        self.allowed = frozenset(allowed)
+        self.blocked = frozenset(blocked)
+        self.discovery_timeout = discovery_timeout
+        self.observer = observer
+        self.rng = rng or random.Random()
+        self.rtt = RttTracker(pool)
+        self._refresher: asyncio.Task | None = None
+        self._changed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._unsubscribe = view.subscribe(self._on_view_change)
+
+    @classmethod
+    def connect(cls, config, model_id: str, num_blocks: int, bus: BusLoop) -> "SwarmRouter":
+        """Find the swarm as `config` (a ClientConfig) says: gossip from initial_peers, else mDNS."""
+        from corolla.discovery.interfaces import order_endpoints
+        from corolla.discovery.observer import SwarmObserver
+
+        if not config.initial_peers and not config.mdns:
+            raise CorollaError("no initial_peers given and mDNS is off: there is no way to find the swarm")
+
+        async def start() -> SwarmRouter:
+            view = SwarmView(order_endpoints)
+            observer = SwarmObserver(view, config.initial_peers, mdns=not config.initial_peers,
+                                     interfaces=config.interfaces or None, context=bus.context)
+            await observer.start()
+            return cls(view, model_id, num_blocks, observer.pool, config.routing, config.allowed_servers,
+                       config.blocked_servers, config.discovery_timeout, observer)
+
+        return bus.run(start())
+
+    def _on_view_change(self, _view: SwarmView) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._changed.set)
+
+    def candidates(self, exclude: frozenset[str] = frozenset()) -> list[PeerEntry]:
+        """The model's workers the user allows and this chain does not exclude."""
+
+        def named(peer: PeerEntry, names: frozenset[str]) -> bool:
+            return peer.peer_id in names or any(e in names for e in peer.endpoints)
+
+        return [p for p in self.view.peers(self.model_id)
+                if p.num_blocks == self.num_blocks and p.protocol in (0, wire.PROTOCOL_VERSION)
+                and (not self.allowed or named(p, self.allowed)) and not named(p, self.blocked)
+                and not named(p, exclude)]
+
+    def hop_cost(self, peers: Sequence[PeerEntry]) -> Callable[[PeerEntry, int], float]:
+        known = [p.throughput for p in peers if p.throughput > 0]
+        default_block_s = 1 / statistics.median(known) if known else UNKNOWN_BLOCK_S
+        spread = {p.peer_id: 1 + THROUGHPUT_SPREAD * self.rng.random() for p in peers} if self.mode == THROUGHPUT else {}
+
+        def cost(peer: PeerEntry, blocks: int) -> float:
+            block_s = 1 / peer.throughput if peer.throughput > 0 else default_block_s
+            return (self.rtt.get(peer.endpoint) + blocks * block_s) * spread.get(peer.peer_id, 1.0)
+
+        return cost
+
+    async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
+        """The cheapest chain over [start, end); waits up to discovery_timeout for missing blocks to appear."""
+        self._loop = asyncio.get_running_loop()
+        if self._refresher is None:
+            self._refresher = asyncio.ensure_future(
+                self.rtt.refresh(lambda: [p.endpoint for p in self.candidates()]))
+        deadline = time.monotonic() + self.discovery_timeout
+        while True:
+            self._changed.clear()
+            peers = self.candidates(exclude)
+            await self.rtt.ensure(p.endpoint for p in peers)
+            try:
+                hops, cost = route(peers, start, end, self.hop_cost(peers), self.model_id)
+            except MissingBlocksError:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                try:
+                    await asyncio.wait_for(self._changed.wait(), min(left, VIEW_POLL_S))
+                except asyncio.TimeoutError:
+                    pass
+                continue
+            log.debug("chain for %s %d:%d (%.1f ms): %s", self.model_id, start, end, cost * 1000,
+                      [(h.endpoint, h.start, h.end) for h in hops])
+            return hops
+
+    async def close(self) -> None:
+        self._unsubscribe()
+        if self._refresher is not None:
+            self._refresher.cancel()
+        if self.observer is not None:
+            await self.observer.stop()

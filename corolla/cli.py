@@ -36,7 +36,27 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--max-length", type=int, help="longest session a client may open")
     worker.add_argument("--idle-timeout", type=float, help="seconds before an idle session expires")
     worker.add_argument("--threads", type=int, help="torch threads")
+    worker.add_argument("--initial-peers", nargs="+", metavar="ENDPOINT", help="any live peers, to join the swarm")
+    worker.add_argument("--no-mdns", dest="mdns", action="store_const", const=False,
+                        help="neither announce nor browse over mDNS")
+    worker.add_argument("--interfaces", nargs="+", metavar="IFACE", help="interfaces (names or IPv4) to announce on")
+    worker.add_argument("--public-host", help="address announced to peers instead of the bound one")
+    worker.add_argument("--gossip-interval", type=float, help="seconds between gossip rounds")
+    worker.add_argument("--discovery-wait", type=float, help="seconds to listen for the swarm before choosing blocks")
+    worker.add_argument("--rebalance-interval", type=float,
+                        help="seconds between checks whether to move to worse-served blocks (0: never)")
+    worker.add_argument("--throughput", type=float, help="inference tokens/s per block to announce (default: measured)")
     worker.set_defaults(run=_worker)
+
+    swarm = commands.add_parser("swarm", help="show the swarm: models, block coverage, workers, health")
+    swarm.add_argument("--initial-peers", nargs="+", metavar="ENDPOINT", help="peers to pull the gossip table from")
+    swarm.add_argument("--no-mdns", dest="mdns", action="store_false", help="do not browse mDNS")
+    swarm.add_argument("--interfaces", nargs="+", metavar="IFACE", help="mDNS interfaces (default: non-loopback)")
+    swarm.add_argument("--model", help="show only this model id")
+    swarm.add_argument("--once", action="store_true", help="print the table once and exit")
+    swarm.add_argument("--refresh", type=float, default=3.0, help="seconds between refreshes")
+    swarm.add_argument("--wait", type=float, default=3.0, help="seconds to listen before the first table")
+    swarm.set_defaults(run=_swarm)
 
     demo = commands.add_parser("demo", help="a local two-worker swarm of SmolLM2-135M generating text")
     demo.add_argument("--prompt", default="A cat sat", help="text to continue")
@@ -79,7 +99,9 @@ def _worker(args) -> None:
 
     overrides = {k: getattr(args, k) for k in ("model", "blocks", "num_blocks", "model_id", "dtype", "device", "host",
                                                 "port", "cache_tokens", "max_batch_size", "max_length",
-                                                "idle_timeout", "threads")}
+                                                "idle_timeout", "threads", "initial_peers", "mdns",
+                                                "interfaces", "public_host", "gossip_interval", "discovery_wait",
+                                                "rebalance_interval", "throughput")}
     config = WorkerConfig.load(args.config, **overrides)
 
     def ready(service, endpoint):
@@ -87,6 +109,12 @@ def _worker(args) -> None:
               f"({config.dtype} on {config.device}, peer {service.peer_id})", flush=True)
 
     asyncio.run(serve(config, ready))
+
+
+def _swarm(args) -> None:
+    from corolla.monitor import run_monitor
+    run_monitor(args.initial_peers or [], mdns=args.mdns, interfaces=args.interfaces, model=args.model,
+                once=args.once, refresh=args.refresh, wait=args.wait)
 
 
 def _demo(args) -> None:

@@ -52,12 +52,13 @@ class PeerEntry:
     def replace(self, **changes: Any) -> "PeerEntry":
         return dataclasses.replace(self, **changes)
 
-    def to_wire(self, age_ms: int) -> dict:
-        """The msgpack-able form; `age_ms` says how long ago the heartbeat was current."""
+    def to_wire(self, age_ms: int, heartbeat: int | None = None) -> dict:
+        """The msgpack-able form; `age_ms` says how long ago the heartbeat (default: ours) was current."""
         return {"id": self.peer_id, "ep": list(self.endpoints), "model": self.model, "start": self.start,
                 "end": self.end, "n": self.num_blocks, "dtype": self.dtype, "proto": self.protocol,
                 "tp": float(self.throughput), "cache": self.cache_tokens_free, "ver": self.version,
-                "hb": self.heartbeat, "age": max(0, min(int(age_ms), MAX_COUNTER)), "gone": self.gone}
+                "hb": self.heartbeat if heartbeat is None else heartbeat, "age": max(0, min(int(age_ms), MAX_COUNTER)),
+                "gone": self.gone}
 
     @classmethod
     def from_wire(cls, d: Any, now: float) -> "PeerEntry":

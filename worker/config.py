@@ -33,6 +33,14 @@ class WorkerConfig:
     idle_timeout: float = 300.0  # seconds before an idle session is dropped
     max_message_bytes: int = 256 << 20
     threads: int | None = None  # torch intra-op threads; default: torch's choice
+    # discovery (corolla.discovery) and block selection (worker/block_selection.py)
+    initial_peers: list[str] = dataclasses.field(default_factory=list)  # any live peer's endpoint joins the swarm
+    mdns: bool = True  # announce on the local link and browse it
+    interfaces: list[str] = dataclasses.field(default_factory=list)  # names or IPv4; default: see discovery/interfaces.py
+    gossip_interval: float = 2.0  # seconds between gossip rounds; a silent peer expires after ~3 of them
+    discovery_wait: float = 2.0  # with num_blocks alone: seconds to listen for the swarm before choosing blocks
+    rebalance_interval: float = 60.0  # with num_blocks alone: seconds between checks whether to move (0: never)
+    throughput: float | None = None  # inference tokens/s per block to announce; default: measured at start
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> "WorkerConfig":
@@ -65,6 +73,16 @@ class WorkerConfig:
         for key in ("cache_tokens", "max_batch_size", "max_length", "max_message_bytes"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be a positive integer")
+        if not isinstance(self.gossip_interval, (int, float)) or self.gossip_interval <= 0:
+            raise ConfigError("gossip_interval must be a positive number of seconds")
+        for key in ("discovery_wait", "rebalance_interval"):
+            if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be a number of seconds, 0 or more")
+        for key in ("initial_peers", "interfaces"):
+            if not isinstance(getattr(self, key), list) or not all(isinstance(x, str) for x in getattr(self, key)):
+                raise ConfigError(f"{key} must be a list of strings")
+        if self.throughput is not None and (not isinstance(self.throughput, (int, float)) or self.throughput <= 0):
+            raise ConfigError("throughput must be a positive number of tokens/s")
         if not 0 <= int(self.port) < 65536:
             raise ConfigError(f"port {self.port} is out of range")
 

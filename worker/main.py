@@ -12,6 +12,7 @@ from corolla.bus.server import Server
 from corolla.worker.config import ConfigError, WorkerConfig
 from corolla.worker.loader import load_config, load_span
 from corolla.worker.service import WorkerService
+from corolla.worker.swarm import SwarmMembership
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,12 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
     model_config = load_config(config.model)
-    start, end = choose_span(config, model_config.num_hidden_layers)
-    span = await asyncio.to_thread(load_span, config.model, start, end, config.torch_dtype, config.device)
     model_id = config.model_id or Path(config.model).resolve().name
+    membership = SwarmMembership(config, model_id, model_config.num_hidden_layers)
+    start, end = choose_span(config, model_config.num_hidden_layers)
+    if config.span() is None:  # only a number of blocks: take those the swarm serves worst
+        start, end = await membership.choose_span(end - start)
+    span = await asyncio.to_thread(load_span, config.model, start, end, config.torch_dtype, config.device)
     service = WorkerService(span, config, model_id, model_config.num_hidden_layers, start, end,
                             model_config.hidden_size)
     server = Server(service.handle, f"tcp://{config.host}:{config.port}", max_bytes=config.max_message_bytes)
@@ -48,9 +52,11 @@ async def serve(config: WorkerConfig, ready=None) -> None:
         loop.add_signal_handler(sig, stop.set)
     serving = asyncio.create_task(server.serve())
     expiry = asyncio.create_task(_expire_sessions(service))
+    await membership.join(service, server)
     if ready is not None:
         ready(service, server.endpoint)
     await stop.wait()
+    await membership.leave()  # goodbye first, so no client picks this worker while it drains
     log.info("stopping: finishing %d requests in flight", server.in_flight)
     serving.cancel()
     expiry.cancel()
