@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--rebalance-interval", type=float,
                         help="seconds between checks whether to move to worse-served blocks (0: never)")
     worker.add_argument("--throughput", type=float, help="inference tokens/s per block to announce (default: measured)")
+    worker.add_argument("--adapter", action="append", metavar="NAME=FOLDER",
+                        help="serve a LoRA adapter (PEFT folder) under NAME; repeat for several")
     worker.set_defaults(run=_worker)
 
     swarm = commands.add_parser("swarm", help="show the swarm: models, block coverage, workers, health")
@@ -94,7 +96,7 @@ def _convert(args) -> None:
 def _worker(args) -> None:
     # Idle OpenMP threads of a worker must not spin while the next worker of the chain computes on the same cores.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from corolla.worker.config import WorkerConfig
+    from corolla.worker.config import ConfigError, WorkerConfig
     from corolla.worker.main import serve
 
     overrides = {k: getattr(args, k) for k in ("model", "blocks", "num_blocks", "model_id", "dtype", "device", "host",
@@ -102,6 +104,11 @@ def _worker(args) -> None:
                                                 "idle_timeout", "threads", "initial_peers", "mdns",
                                                 "interfaces", "public_host", "gossip_interval", "discovery_wait",
                                                 "rebalance_interval", "throughput")}
+    if args.adapter:
+        pairs = [a.split("=", 1) for a in args.adapter]
+        if any(len(p) != 2 or not all(p) for p in pairs):
+            raise ConfigError("--adapter takes NAME=FOLDER")
+        overrides["adapters"] = dict(pairs)
     config = WorkerConfig.load(args.config, **overrides)
 
     def ready(service, endpoint):

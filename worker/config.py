@@ -41,6 +41,7 @@ class WorkerConfig:
     discovery_wait: float = 2.0  # with num_blocks alone: seconds to listen for the swarm before choosing blocks
     rebalance_interval: float = 60.0  # with num_blocks alone: seconds between checks whether to move (0: never)
     throughput: float | None = None  # inference tokens/s per block to announce; default: measured at start
+    adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # LoRA name -> PEFT folder
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> "WorkerConfig":
@@ -62,6 +63,8 @@ class WorkerConfig:
             raise ConfigError("no model folder given (key `model` or --model)")
         config = cls(**values)
         config.model = str(Path(config.model).expanduser())
+        if isinstance(config.adapters, list):  # a list of folders: each named after its folder
+            config.adapters = {Path(p).name: p for p in config.adapters}
         config.validate()
         return config
 
@@ -73,6 +76,9 @@ class WorkerConfig:
         for key in ("cache_tokens", "max_batch_size", "max_length", "max_message_bytes"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be a positive integer")
+        if not isinstance(self.adapters, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                          for k, v in self.adapters.items()):
+            raise ConfigError("adapters must map names to PEFT folders (or be a list of folders)")
         if not isinstance(self.gossip_interval, (int, float)) or self.gossip_interval <= 0:
             raise ConfigError("gossip_interval must be a positive number of seconds")
         for key in ("discovery_wait", "rebalance_interval"):

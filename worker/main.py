@@ -9,6 +9,8 @@ from pathlib import Path
 import torch
 
 from corolla.bus.server import Server
+from corolla.models.registry import family_for
+from corolla.worker.adapters import AdapterSet
 from corolla.worker.config import ConfigError, WorkerConfig
 from corolla.worker.loader import load_config, load_span
 from corolla.worker.service import WorkerService
@@ -43,8 +45,9 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     if config.span() is None:  # only a number of blocks: take those the swarm serves worst
         start, end = await membership.choose_span(end - start)
     span = await asyncio.to_thread(load_span, config.model, start, end, config.torch_dtype, config.device)
+    adapters = AdapterSet(span, family_for(model_config).block_prefix, config.adapters) if config.adapters else None
     service = WorkerService(span, config, model_id, model_config.num_hidden_layers, start, end,
-                            model_config.hidden_size)
+                            model_config.hidden_size, adapters)
     server = Server(service.handle, f"tcp://{config.host}:{config.port}", max_bytes=config.max_message_bytes)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
