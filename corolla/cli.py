@@ -48,7 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--throughput", type=float, help="inference tokens/s per block to announce (default: measured)")
     worker.add_argument("--adapter", action="append", metavar="NAME=FOLDER",
                         help="serve a LoRA adapter (PEFT folder) under NAME; repeat for several")
+    worker.add_argument("--swarm-key", help="private swarm: file holding the swarm secret (see `corolla keygen`)")
     worker.set_defaults(run=_worker)
+
+    keygen = commands.add_parser("keygen", help="create a private swarm's secret key file")
+    keygen.add_argument("path", help="file to write (readable by its owner only)")
+    keygen.set_defaults(run=_keygen)
 
     swarm = commands.add_parser("swarm", help="show the swarm: models, block coverage, workers, health")
     swarm.add_argument("--initial-peers", nargs="+", metavar="ENDPOINT", help="peers to pull the gossip table from")
@@ -78,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         from corolla.bus.errors import CorollaError
         from corolla.worker.config import ConfigError
         from corolla.worker.loader import CheckpointError
-        if isinstance(e, (CorollaError, ConfigError, CheckpointError, FileNotFoundError)):
+        if isinstance(e, (CorollaError, ConfigError, CheckpointError, OSError, ValueError)):
             print(f"corolla {args.command}: {e}", file=sys.stderr)
             sys.exit(2)
         raise
@@ -122,6 +127,18 @@ def _swarm(args) -> None:
     from corolla.monitor import run_monitor
     run_monitor(args.initial_peers or [], mdns=args.mdns, interfaces=args.interfaces, model=args.model,
                 once=args.once, refresh=args.refresh, wait=args.wait)
+
+
+def _keygen(args) -> None:
+    from pathlib import Path
+
+    from corolla.bus.security import generate_secret
+    path = Path(args.path)
+    if path.exists():
+        raise FileExistsError(f"{path} exists; a swarm key is never overwritten")
+    path.touch(mode=0o600)
+    path.write_text(generate_secret() + "\n")
+    print(f"swarm key written to {path}; give it to every worker (--swarm-key) and client (swarm_key=...) of the swarm")
 
 
 def _demo(args) -> None:

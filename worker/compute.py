@@ -13,6 +13,9 @@ import queue
 import threading
 from typing import Any, Callable
 
+from corolla.bus.errors import ErrorCode
+from corolla.bus.server import RequestError
+
 PRIORITY_INFERENCE = 0
 PRIORITY_FORWARD = 1
 PRIORITY_TRAINING = 2
@@ -30,7 +33,11 @@ class PriorityExecutor:
         return self._queue.qsize()
 
     def submit(self, priority: int, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
-        """Queue `fn(*args)`; the returned future resolves on the caller's event loop."""
+        """Queue `fn(*args)`; the returned future resolves on the caller's event loop.
+
+        A full queue answers BUSY at once: the client routes elsewhere instead of waiting behind it."""
+        if self._queue.qsize() >= self.max_queue:
+            raise RequestError(ErrorCode.BUSY, f"{self._queue.qsize()} requests queued; try another worker")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._queue.put((priority, next(self._order), fn, args, future, loop))

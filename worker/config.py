@@ -42,6 +42,8 @@ class WorkerConfig:
     rebalance_interval: float = 60.0  # with num_blocks alone: seconds between checks whether to move (0: never)
     throughput: float | None = None  # inference tokens/s per block to announce; default: measured at start
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # LoRA name -> PEFT folder
+    swarm_key: str | None = None  # file with the private swarm's secret (`corolla keygen`); None: public swarm
+    max_queue: int = 256  # compute requests waiting at once; beyond it the worker answers BUSY
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> "WorkerConfig":

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from corolla.bus.security import Security
 from corolla.bus.server import Server
 from corolla.models.registry import family_for
 from corolla.worker.adapters import AdapterSet
@@ -48,7 +49,8 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     adapters = AdapterSet(span, family_for(model_config).block_prefix, config.adapters) if config.adapters else None
     service = WorkerService(span, config, model_id, model_config.num_hidden_layers, start, end,
                             model_config.hidden_size, adapters)
-    server = Server(service.handle, f"tcp://{config.host}:{config.port}", max_bytes=config.max_message_bytes)
+    server = Server(service.handle, f"tcp://{config.host}:{config.port}", max_bytes=config.max_message_bytes,
+                    security=Security.from_file(config.swarm_key))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -40,7 +40,7 @@ class WorkerService:
         self.peer_id = uuid.uuid4().hex[:16]
         self.sessions = SessionTable(config.cache_tokens, config.idle_timeout)
         self.adapters = adapters
-        self.compute = PriorityExecutor()
+        self.compute = PriorityExecutor(max_queue=config.max_queue)
         self.started = time.time()
         self._extra: dict[type, Callable[[Any], Awaitable[Any]]] = {}
 
@@ -114,6 +114,8 @@ class WorkerService:
                                f"hidden states must be [batch, tokens, {self.hidden_size}], got {list(hidden.shape)}")
         if not hidden.is_floating_point():
             raise RequestError(ErrorCode.BAD_SHAPE, f"hidden states must be floating point, got {hidden.dtype}")
+        if hidden.shape[0] == 0:
+            raise RequestError(ErrorCode.BAD_SHAPE, "an empty batch")
         if batch is not None and hidden.shape[0] != batch:
             raise RequestError(ErrorCode.BAD_SHAPE, f"session batch size is {batch}, got {hidden.shape[0]}")
         if hidden.shape[0] > self.config.max_batch_size:
@@ -138,6 +140,8 @@ class WorkerService:
     def _check_stateless(self, msg: Forward | Backward) -> None:
         self._check_hidden(msg.hidden)
         b, t = msg.hidden.shape[:2]
+        if t == 0:
+            raise RequestError(ErrorCode.BAD_SHAPE, "a forward pass needs at least one token")
         self._check_aux("attention_mask", msg.attention_mask, (b, t))
         self._check_aux("position_ids", msg.position_ids, (b, t))
         self._check_prompts(msg.prompts, msg.end - msg.start, b)
