@@ -15,6 +15,7 @@ from typing import Any, Coroutine
 
 import zmq
 import zmq.asyncio
+import zmq.utils.monitor
 
 from corolla.bus import wire
 from corolla.bus.errors import ErrorCode, RemoteError, RequestTimeout
@@ -62,16 +63,18 @@ class Connection:
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         (security or Security.public()).apply_client(self.socket)
+        # Lost connections (a killed worker) fail the requests in flight at once instead of at their timeout.
+        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         self.socket.connect(endpoint)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
-        self._reader: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
 
     async def request(self, msg: Any, timeout: float = DEFAULT_TIMEOUT, codec: wire.Codec = wire.RAW,
                       reply_codec: wire.Codec | None = None) -> Any:
         """Send `msg` and wait for its reply; an error reply raises RemoteError naming this worker."""
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read())
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
@@ -98,11 +101,22 @@ class Connection:
             if future is not None and not future.done():
                 future.set_result(envelope.message)
 
+    async def _watch(self) -> None:
+        while True:
+            event = zmq.utils.monitor.parse_monitor_message(await self._monitor.recv_multipart())
+            if event["event"] == zmq.EVENT_DISCONNECTED:
+                lost = RemoteError(self.endpoint, ErrorCode.UNREACHABLE, "connection lost")
+                for future in self._pending.values():
+                    if not future.done():
+                        future.set_exception(lost)
+
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in self._tasks:
+            task.cancel()
         for future in self._pending.values():
             future.cancel()
+        self.socket.disable_monitor()
+        self._monitor.close(linger=0)
         self.socket.close(linger=0)
 
 

@@ -14,6 +14,9 @@ class ClientConfig:
     wire_dtype: torch.dtype | None = torch.float16  # how activations travel; None: as computed
     codec: str = "raw"  # "raw", "lz4" or "int8" for activations
     request_timeout: float = 30.0
+    max_retries: int = 5  # attempts to route around failed workers before giving up
+    ban_seconds: float = 30.0  # how long a failed worker is kept out of new chains
+    swarm_key: str | None = None  # private swarm: file with the swarm secret (`corolla keygen`)
     active_adapter: str = ""
     tuning_mode: str | None = None  # None, "ptune" or "deep_ptune"
     pre_seq_len: int = 0

@@ -13,6 +13,7 @@ from torch import nn
 from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.messages import Backward, Forward
 from corolla.client.config import ClientConfig
+from corolla.client.faults import Bans, Retry, failed_endpoint, reroute, worth_retrying
 from corolla.client.routing import Hop, Router
 from corolla.client.session import InferenceSession
 
@@ -29,6 +30,7 @@ class RemoteSequential(nn.Module):
 
     def bind(self, config: ClientConfig, router: Router, pool: ConnectionPool, bus: BusLoop) -> None:
         self.client_config, self.router, self.pool, self.bus = config, router, pool, bus
+        self.bans = Bans(config.ban_seconds)
 
     def __len__(self) -> int:
         return self.num_blocks
@@ -37,45 +39,73 @@ class RemoteSequential(nn.Module):
         return f"blocks=0..{self.num_blocks}, remote"
 
     def inference_session(self, max_length: int) -> InferenceSession:
-        return InferenceSession(self.router, self.pool, self.bus, self.client_config, self.num_blocks, max_length)
+        return InferenceSession(self.router, self.pool, self.bus, self.client_config, self.num_blocks, max_length,
+                                self.bans)
 
     def forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
         return _RemoteForward.apply(self, hidden, attention_mask, position_ids, prompts)
 
-    async def _forward_chain(self, hidden, attention_mask, position_ids, prompts) -> tuple[torch.Tensor, list]:
-        """Outputs, and each hop with the input it saw (kept for backward)."""
+    async def _call(self, hop: Hop, message, retry: Retry):
+        """One request to one hop; a failure bans the worker and raises for the caller to re-route."""
+        try:
+            return await self.pool.get(hop.endpoint).request(message, self.client_config.request_timeout,
+                                                             self.client_config.activation_codec)
+        except Exception as e:
+            if not worth_retrying(e):
+                raise
+            await retry.next(e)
+            self.bans.ban(failed_endpoint(e, hop))
+            raise _Reroute() from e
+
+    async def _forward_range(self, start: int, end: int, hidden, attention_mask, position_ids, prompts,
+                             retry: Retry) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+        """Outputs of blocks [start, end), and each hop with the input it saw (kept for backward)."""
         saved = []
-        codec = self.client_config.activation_codec
-        for hop in await self.router.chain(0, self.num_blocks):
+        hops = await reroute(self.router, self.bans, start, end)
+        while hops:
+            hop = hops[0]
             hop_prompts = None if prompts is None else prompts[hop.start:hop.end]
+            try:
+                reply = await self._call(hop, Forward(hidden, hop.start, hop.end, attention_mask, position_ids,
+                                                      hop_prompts, self.client_config.active_adapter), retry)
+            except _Reroute:
+                hops = await reroute(self.router, self.bans, hop.start, end)
+                continue
             saved.append((hop, hidden))
-            reply = await self.pool.get(hop.endpoint).request(
-                Forward(hidden, hop.start, hop.end, attention_mask, position_ids, hop_prompts,
-                        self.client_config.active_adapter), self.client_config.request_timeout, codec)
-            hidden = reply.hidden
+            hidden, hops = reply.hidden, hops[1:]
         return hidden, saved
 
-    async def _backward_chain(self, saved: list[tuple[Hop, torch.Tensor]], grad: torch.Tensor, attention_mask,
-                              position_ids, prompts) -> tuple[torch.Tensor, torch.Tensor | None]:
-        codec = self.client_config.activation_codec
-        prompt_grads = None if prompts is None else torch.zeros_like(prompts)
+    async def _backward_hops(self, saved: list[tuple[Hop, torch.Tensor]], grad: torch.Tensor, attention_mask,
+                             position_ids, prompts, prompt_grads: torch.Tensor | None, retry: Retry) -> torch.Tensor:
+        """Gradient with respect to the first hop's input; a failed hop's blocks are re-routed and recomputed."""
         for hop, hidden in reversed(saved):
             hop_prompts = None if prompts is None else prompts[hop.start:hop.end]
-            reply = await self.pool.get(hop.endpoint).request(
-                Backward(hidden, grad, hop.start, hop.end, attention_mask, position_ids, hop_prompts,
-                         self.client_config.active_adapter), self.client_config.request_timeout, codec)
+            try:
+                reply = await self._call(hop, Backward(hidden, grad, hop.start, hop.end, attention_mask, position_ids,
+                                                       hop_prompts, self.client_config.active_adapter), retry)
+            except _Reroute:
+                _, resaved = await self._forward_range(hop.start, hop.end, hidden, attention_mask, position_ids,
+                                                       prompts, retry)
+                grad = await self._backward_hops(resaved, grad, attention_mask, position_ids, prompts, prompt_grads,
+                                                 retry)
+                continue
             grad = reply.grad_hidden
             if prompt_grads is not None and reply.grad_prompts is not None:
                 prompt_grads[hop.start:hop.end] = reply.grad_prompts.to(prompt_grads.dtype)
-        return grad, prompt_grads
+        return grad
+
+
+class _Reroute(Exception):
+    """A hop failed and was banned; route its blocks again."""
 
 
 class _RemoteForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module: RemoteSequential, hidden, attention_mask, position_ids, prompts):
-        out, saved = module.bus.run(module._forward_chain(hidden.detach(), attention_mask, position_ids,
-                                                          None if prompts is None else prompts.detach()))
+        out, saved = module.bus.run(module._forward_range(
+            0, module.num_blocks, hidden.detach(), attention_mask, position_ids,
+            None if prompts is None else prompts.detach(), Retry(module.client_config.max_retries)))
         ctx.module, ctx.saved = module, saved
         ctx.aux = (attention_mask, position_ids, None if prompts is None else prompts.detach())
         return out.to(hidden.dtype)
@@ -83,7 +113,10 @@ class _RemoteForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         attention_mask, position_ids, prompts = ctx.aux
-        grad_hidden, grad_prompts = ctx.module.bus.run(
-            ctx.module._backward_chain(ctx.saved, grad_out.contiguous(), attention_mask, position_ids, prompts))
+        module = ctx.module
+        grad_prompts = None if prompts is None else torch.zeros_like(prompts)
+        grad_hidden = module.bus.run(module._backward_hops(ctx.saved, grad_out.contiguous(), attention_mask,
+                                                           position_ids, prompts, grad_prompts,
+                                                           Retry(module.client_config.max_retries)))
         dtype = ctx.saved[0][1].dtype
         return None, grad_hidden.to(dtype), None, None, grad_prompts

@@ -1,29 +1,46 @@
 """An inference session: KV caches held by every worker of a chain, stepped token by token.
 
 Each step sends only the new tokens' hidden states through the chain; the
-workers keep the past in their caches under this session's id. The worker
-sessions open lazily on the first step, once the batch size is known.
+workers keep the past in their caches under this session's id. The session
+also keeps, per block boundary, the hidden states it has sent there: when a
+worker fails, its blocks are routed anew (possibly split differently) and that
+history is replayed to rebuild their caches, so generation goes on with the
+same tokens.
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import uuid
+from dataclasses import dataclass
 
 import torch
 
 from corolla.bus.client import BusLoop, ConnectionPool
-from corolla.bus.messages import CloseSession, OpenSession, Step
 from corolla.bus.errors import CorollaError
+from corolla.bus.messages import CloseSession, OpenSession, Step
 from corolla.client.config import ClientConfig
+from corolla.client.faults import Bans, Retry, failed_endpoint, reroute, worth_retrying
 from corolla.client.routing import Hop, Router
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class _StepInputs:
+    """What every hop of one step shares: masks, positions and (on the first step) deep prompts."""
+
+    length: int
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None
+    prompts: torch.Tensor | None
+
+
 class InferenceSession:
     def __init__(self, router: Router, pool: ConnectionPool, bus: BusLoop, config: ClientConfig, num_blocks: int,
-                 max_length: int):
+                 max_length: int, bans: Bans | None = None):
         self.router, self.pool, self.bus, self.config = router, pool, bus, config
+        self.bans = bans or Bans()
         self.num_blocks = num_blocks
         self.max_length = max_length
         self.session_id = uuid.uuid4().hex
@@ -31,7 +48,12 @@ class InferenceSession:
         self.prefix_length = 0  # trainable prompt tokens at the front of the cache (ptune), unseen by generate()
         self.output_ids: torch.Tensor | None = None  # tokens of earlier generate() calls, for continuing
         self.batch_size: int | None = None
+        self.recoveries = 0  # how many times a failed worker's blocks were rebuilt elsewhere
         self._hops: list[Hop] | None = None
+        self._opened: dict[Hop, str] = {}  # hop -> its worker-side session id
+        self._history: dict[int, list[torch.Tensor]] = {}  # block -> hidden states sent into it, step by step
+        self._steps: list[_StepInputs] = []
+        self._ids = itertools.count()
         self.closed = False
 
     def __enter__(self) -> "InferenceSession":
@@ -47,52 +69,98 @@ class InferenceSession:
             raise CorollaError("this inference session is closed")
         if hidden.dim() != 3:
             raise ValueError(f"hidden states must be [batch, tokens, hidden], got {list(hidden.shape)}")
+        if self.batch_size is not None and hidden.shape[0] != self.batch_size:
+            raise ValueError(f"session batch size is {self.batch_size}, got {hidden.shape[0]}")
         if self.position + hidden.shape[1] > self.max_length:
             raise ValueError(f"session of max_length {self.max_length} cannot take {hidden.shape[1]} more tokens "
                              f"after {self.position}")
-        out = self.bus.run(self._step(hidden, attention_mask, position_ids, prompts))
+        inputs = _StepInputs(hidden.shape[1], attention_mask, position_ids, prompts)
+        out = self.bus.run(self._step(hidden.detach(), inputs))
         self.position += hidden.shape[1]
         return out.to(hidden.dtype)
 
-    async def _step(self, hidden, attention_mask, position_ids, prompts) -> torch.Tensor:
+    async def _step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
+        self.batch_size = hidden.shape[0]
         if self._hops is None:
-            await self._open(hidden.shape[0])
-        elif hidden.shape[0] != self.batch_size:
-            raise ValueError(f"session batch size is {self.batch_size}, got {hidden.shape[0]}")
-        codec = self.config.activation_codec
-        for hop in self._hops:
-            hop_prompts = None if prompts is None else prompts[hop.start:hop.end]
-            reply = await self.pool.get(hop.endpoint).request(
-                Step(self._hop_session(hop), hidden, self.position, attention_mask, position_ids, hop_prompts),
-                self.config.request_timeout, codec)
-            hidden = reply.hidden
+            self._hops = await reroute(self.router, self.bans, 0, self.num_blocks)
+        sent: dict[int, torch.Tensor] = {}
+        retry = Retry(self.config.max_retries)
+        i = 0
+        while i < len(self._hops):
+            hop = self._hops[i]
+            try:
+                out = await self._send(hop, hidden, self.position, inputs)
+            except Exception as e:
+                if not worth_retrying(e):
+                    raise
+                await retry.next(e)
+                self.bans.ban(failed_endpoint(e, hop))
+                await self._replace(i)
+                continue
+            sent[hop.start] = hidden
+            hidden, i = out, i + 1
+        if inputs.length:
+            for block, h in sent.items():
+                self._history.setdefault(block, []).append(h)
+            self._steps.append(inputs)
         return hidden
 
-    async def _open(self, batch_size: int) -> None:
-        hops = await self.router.chain(0, self.num_blocks)
-        for hop in hops:
-            await self.pool.get(hop.endpoint).request(
-                OpenSession(self._hop_session(hop), hop.start, hop.end, batch_size, self.max_length,
-                            self.config.active_adapter), self.config.request_timeout)
-        self._hops, self.batch_size = hops, batch_size
-        log.debug("session %s open on %s", self.session_id, [(h.endpoint, h.start, h.end) for h in hops])
+    async def _send(self, hop: Hop, hidden: torch.Tensor, position: int, inputs: _StepInputs) -> torch.Tensor:
+        connection = self.pool.get(hop.endpoint)
+        if hop not in self._opened:
+            hop_session = f"{self.session_id}:{hop.start}:{next(self._ids)}"
+            await connection.request(OpenSession(hop_session, hop.start, hop.end, self.batch_size, self.max_length,
+                                                 self.config.active_adapter), self.config.request_timeout)
+            self._opened[hop] = hop_session
+        prompts = None if inputs.prompts is None else inputs.prompts[hop.start:hop.end]
+        reply = await connection.request(
+            Step(self._opened[hop], hidden, position, inputs.attention_mask, inputs.position_ids, prompts),
+            self.config.request_timeout, self.config.activation_codec)
+        return reply.hidden
 
-    def _hop_session(self, hop: Hop) -> str:
-        return f"{self.session_id}:{hop.start}"
+    async def _replace(self, i: int) -> None:
+        """Route the failed hop's blocks anew and replay the session's history into the new workers."""
+        failed = self._hops[i]
+        self._opened.pop(failed, None)
+        new_hops = await reroute(self.router, self.bans, failed.start, failed.end)
+        log.warning("session %s: blocks %d:%d move from %s to %s", self.session_id, failed.start, failed.end,
+                    failed.endpoint, [(h.endpoint, h.start, h.end) for h in new_hops])
+        self._hops[i:i + 1] = new_hops
+        self.recoveries += 1
+        if not self._steps:
+            return
+        replay = self._replay_inputs()
+        hidden = torch.cat(self._history[failed.start], dim=1)
+        for hop in new_hops:
+            self._history[hop.start] = [hidden]
+            hidden = await self._send(hop, hidden, 0, replay)
+
+    def _replay_inputs(self) -> _StepInputs:
+        """All past steps as one: their masks and positions concatenated, the first step's deep prompts."""
+        batch, position, masks, positions = self.batch_size, 0, [], []
+        for s in self._steps:
+            masks.append(s.attention_mask if s.attention_mask is not None else torch.ones(batch, s.length, dtype=torch.long))
+            positions.append(s.position_ids if s.position_ids is not None
+                             else torch.arange(position, position + s.length).expand(batch, -1))
+            position += s.length
+        any_mask = any(s.attention_mask is not None for s in self._steps)
+        any_positions = any(s.position_ids is not None for s in self._steps)
+        return _StepInputs(position, torch.cat(masks, dim=1) if any_mask else None,
+                           torch.cat(positions, dim=1) if any_positions else None, self._steps[0].prompts)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        if self._hops:
+        if self._opened:
             try:
                 self.bus.run(self._close(), timeout=self.config.request_timeout)
             except Exception as e:  # the workers expire it anyway
                 log.warning("closing session %s: %s", self.session_id, e)
 
     async def _close(self) -> None:
-        for hop in self._hops:
+        for hop, hop_session in self._opened.items():
             try:
-                await self.pool.get(hop.endpoint).request(CloseSession(self._hop_session(hop)), 5.0)
+                await self.pool.get(hop.endpoint).request(CloseSession(hop_session), 5.0)
             except CorollaError as e:
                 log.debug("close on %s: %s", hop.endpoint, e)

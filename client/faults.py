@@ -1,0 +1,78 @@
+"""What the client does when a worker fails: ban it for a while, back off, and ask routing again.
+
+Shared by inference sessions (which then replay their history to rebuild the
+lost caches) and by stateless forward/backward (which simply retry the hop).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from corolla.bus.errors import ErrorCode, MissingBlocksError, RemoteError
+from corolla.client.routing import Hop, Router
+
+log = logging.getLogger(__name__)
+
+#: Codes that say "this request was wrong", so another worker would refuse it too: never retried.
+NOT_RETRYABLE = frozenset({ErrorCode.BAD_HEADER, ErrorCode.BAD_VERSION, ErrorCode.UNKNOWN_KIND, ErrorCode.BAD_FRAMES,
+                           ErrorCode.BAD_TENSOR, ErrorCode.TOO_LARGE, ErrorCode.BAD_REQUEST, ErrorCode.BAD_SHAPE,
+                           ErrorCode.BAD_VALUE, ErrorCode.OUT_OF_RANGE, ErrorCode.UNKNOWN_ADAPTER})
+
+
+def worth_retrying(error: Exception) -> bool:
+    return isinstance(error, RemoteError) and error.code not in NOT_RETRYABLE
+
+
+@dataclass
+class Bans:
+    """Endpoints that failed recently, kept out of new chains until their ban lapses."""
+
+    seconds: float = 30.0
+    _until: dict[str, float] = field(default_factory=dict)
+
+    def ban(self, endpoint: str) -> None:
+        self._until[endpoint] = time.monotonic() + self.seconds
+        log.warning("banning %s for %.0f s", endpoint, self.seconds)
+
+    def current(self) -> frozenset[str]:
+        now = time.monotonic()
+        return frozenset(e for e, t in self._until.items() if t > now)
+
+    def lift(self, endpoint: str) -> None:
+        self._until.pop(endpoint, None)
+
+
+@dataclass
+class Retry:
+    """Bounded attempts with exponential back-off."""
+
+    max_retries: int = 5
+    backoff: float = 0.25
+    max_backoff: float = 5.0
+    attempt: int = 0
+
+    async def next(self, error: Exception) -> None:
+        """Wait before the next attempt, or raise `error` when attempts are exhausted."""
+        if self.attempt >= self.max_retries:
+            raise error
+        delay = min(self.max_backoff, self.backoff * 2 ** self.attempt)
+        self.attempt += 1
+        log.info("attempt %d after %s; retrying in %.2f s", self.attempt, error, delay)
+        await asyncio.sleep(delay)
+
+
+async def reroute(router: Router, bans: Bans, start: int, end: int) -> list[Hop]:
+    """A chain for [start, end) avoiding banned workers; if only banned ones cover it, try them anyway
+    (a restarted worker comes back at the same address)."""
+    try:
+        return await router.chain(start, end, bans.current())
+    except MissingBlocksError:
+        if not bans.current():
+            raise
+        return await router.chain(start, end)
+
+
+def failed_endpoint(error: Exception, hop: Hop) -> str:
+    return error.peer if isinstance(error, RemoteError) and error.peer else hop.endpoint

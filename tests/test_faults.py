@@ -1,0 +1,105 @@
+"""Workers fail mid-generation (killed, stalled, restarted); the client re-routes, replays, and the text is the same."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from corolla import AutoDistributedModelForCausalLM
+from corolla.worker.launcher import LocalSwarm, start_worker
+from tests.conftest import worker_args
+
+pytestmark = pytest.mark.slow
+NEW_TOKENS = 64
+PROMPT = torch.tensor([[3, 14, 15, 92, 65, 35]])
+
+
+class AfterTokens(BaseStreamer):
+    """Runs `action` once generate() has produced `n` new tokens."""
+
+    def __init__(self, n, action):
+        self.n, self.action, self.seen = n, action, -1
+
+    def put(self, value):
+        self.seen += 1  # the first put is the prompt
+        if self.seen == self.n:
+            self.action()
+
+    def end(self):
+        pass
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_folder):
+    from transformers import AutoModelForCausalLM
+    local = AutoModelForCausalLM.from_pretrained(tiny_llama_folder).eval()
+    return local.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+
+
+def _generate_with_fault(folder, swarm, fault, **client):
+    model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=swarm.endpoints, wire_dtype=None,
+                                                            **client)
+    with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
+        out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                             streamer=AfterTokens(10, lambda: fault(session)))
+    return out, session
+
+
+def _worker_of_first_hop(swarm, session):
+    endpoint = session._hops[0].endpoint
+    return next(w for w in swarm.workers if w.endpoint == endpoint)
+
+
+def test_kill_9_one_worker_of_three(tiny_llama_folder, reference):
+    with LocalSwarm(worker_args(tiny_llama_folder, ["0:2", "2:4", "0:2"])) as swarm:
+        killed = []
+
+        def kill(session):
+            worker = _worker_of_first_hop(swarm, session)
+            worker.process.send_signal(signal.SIGKILL)
+            killed.append(worker)
+
+        out, session = _generate_with_fault(tiny_llama_folder, swarm, kill)
+    assert killed and session.recoveries >= 1
+    assert torch.equal(out, reference)
+
+
+def test_stalled_worker_sigstop(tiny_llama_folder, reference):
+    with LocalSwarm(worker_args(tiny_llama_folder, ["0:2", "2:4", "0:2"])) as swarm:
+        stopped = []
+
+        def stall(session):
+            worker = _worker_of_first_hop(swarm, session)
+            os.kill(worker.process.pid, signal.SIGSTOP)
+            stopped.append(worker)
+
+        try:
+            out, session = _generate_with_fault(tiny_llama_folder, swarm, stall, request_timeout=2.0)
+        finally:
+            for worker in stopped:
+                os.kill(worker.process.pid, signal.SIGCONT)
+    assert stopped and session.recoveries >= 1
+    assert torch.equal(out, reference)
+
+
+def test_worker_restarted_on_same_span(tiny_llama_folder, reference):
+    """The only worker of blocks 2:4 dies and comes back at the same address; the session rebuilds its cache there."""
+    with LocalSwarm(worker_args(tiny_llama_folder, ["0:2"])) as swarm:
+        second = start_worker(*worker_args(tiny_llama_folder, ["2:4"])[0], "--port", "0")
+        port = second.endpoint.rsplit(":", 1)[1]
+        swarm.workers.append(second)
+        restarted = []
+
+        def restart(session):
+            victim = next(w for w in swarm.workers if w.endpoint == session._hops[-1].endpoint)
+            victim.process.send_signal(signal.SIGKILL)
+            victim.process.wait()
+            restarted.append(start_worker(*worker_args(tiny_llama_folder, ["2:4"])[0], "--port", port))
+            swarm.workers.append(restarted[-1])
+
+        out, session = _generate_with_fault(tiny_llama_folder, swarm, restart)
+    assert restarted and session.recoveries >= 1
+    assert torch.equal(out, reference)
