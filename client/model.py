@@ -12,6 +12,7 @@ import contextlib
 import os
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from corolla.bus.client import BusLoop, ConnectionPool
@@ -27,6 +28,7 @@ class DistributedModelMixin:
     """Mixed into a transformers *ForCausalLM / *ForSequenceClassification class by each family."""
 
     _keys_to_ignore_on_load_unexpected = [r"^model\.layers\.", r"^transformer\.h\."]
+    _trainable_heads: tuple[str, ...] = ()  # modules that stay trainable when a tuning mode freezes the rest
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
@@ -46,6 +48,22 @@ class DistributedModelMixin:
         router = SwarmRouter.connect(client_config, model_id, self.remote_layers.num_blocks, bus)
         self.client_config = client_config
         self.remote_layers.bind(client_config, router, pool, bus)
+        if client_config.tuning_mode:
+            self.requires_grad_(False)
+            for name in self._trainable_heads:
+                getattr(self, name).requires_grad_(True)
+            self.base_model_for_blocks.init_prompts(client_config.tuning_mode, client_config.pre_seq_len)
+
+    def save_trainable(self, path: str) -> None:
+        """Save the parameters that train on the client (prompts, heads, local adapters) as safetensors."""
+        save_file({k: v.detach().contiguous() for k, v in self.named_parameters() if v.requires_grad}, path)
+
+    def load_trainable(self, path: str) -> None:
+        state = load_file(path)
+        unexpected = set(state) - {k for k, _ in self.named_parameters()}
+        if unexpected:
+            raise ValueError(f"{path} holds tensors this model lacks: {sorted(unexpected)[:3]}")
+        self.load_state_dict(state, strict=False)
 
     @property
     def remote_layers(self) -> RemoteSequential:
@@ -53,11 +71,13 @@ class DistributedModelMixin:
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int):
-        """Within this context, successive generate() calls continue one remote session."""
+        """Within this context, successive generate() calls continue one remote session.
+
+        `max_length` counts the user's tokens; room for tuning prompts is added."""
         layers = self.remote_layers
         if layers.active_session is not None:
             raise RuntimeError("an inference session is already active on this model")
-        with layers.inference_session(max_length) as session:
+        with layers.inference_session(max_length + self.client_config.pre_seq_len) as session:
             layers.active_session = session
             try:
                 yield session
@@ -72,7 +92,8 @@ class DistributedModelMixin:
         session = session or self.remote_layers.active_session
         with contextlib.ExitStack() as stack:
             if session is None:
-                session = stack.enter_context(self.remote_layers.inference_session(self._session_length(inputs, kwargs)))
+                length = self._session_length(inputs, kwargs) + self.client_config.pre_seq_len
+                session = stack.enter_context(self.remote_layers.inference_session(length))
             if session.output_ids is not None:  # continue where the previous call stopped
                 inputs = session.output_ids if inputs is None else torch.cat([session.output_ids, inputs], dim=1)
             kwargs.setdefault("past_key_values", RemotePastKeyValues(session))
