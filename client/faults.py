@@ -21,8 +21,16 @@ NOT_RETRYABLE = frozenset({ErrorCode.BAD_HEADER, ErrorCode.BAD_VERSION, ErrorCod
                            ErrorCode.BAD_VALUE, ErrorCode.OUT_OF_RANGE, ErrorCode.UNKNOWN_ADAPTER})
 
 
+#: Codes of a healthy worker that is full right now: wait and retry, but do not ban it.
+BUSY = frozenset({ErrorCode.BUSY, ErrorCode.CACHE_FULL})
+
+
 def worth_retrying(error: Exception) -> bool:
     return isinstance(error, RemoteError) and error.code not in NOT_RETRYABLE
+
+
+def is_busy(error: Exception) -> bool:
+    return isinstance(error, RemoteError) and error.code in BUSY
 
 
 @dataclass
@@ -32,9 +40,11 @@ class Bans:
     seconds: float = 30.0
     _until: dict[str, float] = field(default_factory=dict)
 
-    def ban(self, endpoint: str) -> None:
-        self._until[endpoint] = time.monotonic() + self.seconds
-        log.warning("banning %s for %.0f s", endpoint, self.seconds)
+    def ban_after(self, error: Exception, endpoint: str) -> None:
+        """Ban the worker that caused `error`, unless it was merely full."""
+        if not is_busy(error):
+            self._until[endpoint] = time.monotonic() + self.seconds
+            log.warning("banning %s for %.1f s after %s", endpoint, self.seconds, error)
 
     def current(self) -> frozenset[str]:
         now = time.monotonic()

@@ -55,7 +55,7 @@ class RemoteSequential(nn.Module):
             if not worth_retrying(e):
                 raise
             await retry.next(e)
-            self.bans.ban(failed_endpoint(e, hop))
+            self.bans.ban_after(e, failed_endpoint(e, hop))
             raise _Reroute() from e
 
     async def _forward_range(self, start: int, end: int, hidden, attention_mask, position_ids, prompts,

@@ -94,7 +94,7 @@ class InferenceSession:
                 if not worth_retrying(e):
                     raise
                 await retry.next(e)
-                self.bans.ban(failed_endpoint(e, hop))
+                self.bans.ban_after(e, failed_endpoint(e, hop))
                 await self._replace(i)
                 continue
             sent[hop.start] = hidden
