@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 import zmq
@@ -23,6 +25,22 @@ log = logging.getLogger(__name__)
 Handler = Callable[[wire.Envelope], Awaitable[Any]]
 
 
+@dataclass(frozen=True)
+class Answered:
+    """One answered request, as a server's observer (a worker's metrics) sees it."""
+
+    kind: str  # the request's message kind; "?" where it did not decode
+    status: str  # "ok" or the error code sent back
+    seconds: float  # from receipt to the reply being handed to the socket
+    bytes_in: int
+    bytes_out: int
+    codec: str  # the codec the sender asked activations to travel in
+    message: Any  # the decoded request; None where it did not decode
+
+
+Observer = Callable[[Answered], None]
+
+
 class RequestError(Exception):
     """Raised by handlers to answer with an error code instead of a result."""
 
@@ -35,8 +53,9 @@ class RequestError(Exception):
 class Server:
     def __init__(self, handler: Handler, endpoint: str = "tcp://127.0.0.1:0",
                  max_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES, security: Security | None = None,
-                 context: zmq.asyncio.Context | None = None):
+                 context: zmq.asyncio.Context | None = None, observer: Observer | None = None):
         self.handler = handler
+        self.observer = observer
         self.max_bytes = max_bytes
         self.context = context or zmq.asyncio.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
@@ -66,6 +85,7 @@ class Server:
     async def _answer(self, frames: list) -> None:
         identity, payload = frames[0], frames[1:]
         request_id = -1
+        started, envelope, status = time.perf_counter(), None, "ok"
         try:
             if not payload:
                 raise ProtocolError(ErrorCode.BAD_FRAMES, "no header frame")
@@ -75,12 +95,20 @@ class Server:
             reply = await self.handler(envelope)
             out = wire.encode(reply, request_id, envelope.reply_codec)
         except (ProtocolError, RequestError) as e:
-            out = wire.encode(ErrorReply(str(e.code), e.message), request_id)
+            status = str(e.code)
+            out = wire.encode(ErrorReply(status, e.message), request_id)
         except Exception as e:
             log.exception("request %s failed", request_id)
-            out = wire.encode(ErrorReply(str(ErrorCode.INTERNAL), f"{type(e).__name__}: {e}"), request_id)
+            status = str(ErrorCode.INTERNAL)
+            out = wire.encode(ErrorReply(status, f"{type(e).__name__}: {e}"), request_id)
         if not self._closed:
             await self.socket.send_multipart([identity, *out], copy=False)
+        if self.observer is not None:
+            self.observer(Answered(
+                kind=type(envelope.message).KIND if envelope else "?", status=status,
+                seconds=time.perf_counter() - started, bytes_in=sum(len(f) for f in payload),
+                bytes_out=sum(memoryview(f).nbytes for f in out),
+                codec=envelope.reply_codec.name if envelope else "?", message=envelope.message if envelope else None))
 
     @property
     def in_flight(self) -> int:

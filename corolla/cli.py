@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--adapter", action="append", metavar="NAME=FOLDER",
                         help="serve a LoRA adapter (PEFT folder) under NAME; repeat for several")
     worker.add_argument("--swarm-key", help="private swarm: file holding the swarm secret (see `corolla keygen`)")
+    worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)")
     worker.set_defaults(run=_worker)
 
     keygen = commands.add_parser("keygen", help="create a private swarm's secret key file")
@@ -71,6 +72,17 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--chat", action="store_true", help="treat the prompt as a chat message (chat template)")
     demo.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top-p 0.9) instead of greedy")
     demo.set_defaults(run=_demo)
+
+    api = commands.add_parser("api", help="an OpenAI-compatible HTTP API, a chat page and a swarm monitor")
+    api.add_argument("--model", action="append", default=[], metavar="FOLDER",
+                     help="model folder to offer (repeat for several); its name is the model id")
+    api.add_argument("--initial-peers", nargs="+", default=[], metavar="ENDPOINT", help="any live peers of the swarm")
+    api.add_argument("--no-mdns", dest="mdns", action="store_false", help="do not browse mDNS")
+    api.add_argument("--interfaces", nargs="+", metavar="IFACE", help="mDNS interfaces (default: non-loopback)")
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--demo", action="store_true", help="first start the demo's local 2-worker swarm and offer it")
+    api.set_defaults(run=_api)
 
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -108,7 +120,7 @@ def _worker(args) -> None:
                                                 "port", "cache_tokens", "max_batch_size", "max_length",
                                                 "idle_timeout", "threads", "initial_peers", "mdns",
                                                 "interfaces", "public_host", "gossip_interval", "discovery_wait",
-                                                "rebalance_interval", "throughput")}
+                                                "rebalance_interval", "throughput", "metrics_port")}
     if args.adapter:
         pairs = [a.split("=", 1) for a in args.adapter]
         if any(len(p) != 2 or not all(p) for p in pairs):
@@ -139,6 +151,12 @@ def _keygen(args) -> None:
     path.touch(mode=0o600)
     path.write_text(generate_secret() + "\n")
     print(f"swarm key written to {path}; give it to every worker (--swarm-key) and client (swarm_key=...) of the swarm")
+
+
+def _api(args) -> None:
+    from corolla.api.server import run_api
+    run_api(args.model, args.initial_peers, args.host, args.port, mdns=args.mdns, interfaces=args.interfaces,
+            demo=args.demo)
 
 
 def _demo(args) -> None:

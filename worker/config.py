@@ -44,6 +44,7 @@ class WorkerConfig:
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # LoRA name -> PEFT folder
     swarm_key: str | None = None  # file with the private swarm's secret (`corolla keygen`); None: public swarm
     max_queue: int = 256  # compute requests waiting at once; beyond it the worker answers BUSY
+    metrics_port: int = 0  # Prometheus metrics over HTTP on host:metrics_port; 0: off
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> "WorkerConfig":
@@ -91,8 +92,9 @@ class WorkerConfig:
                 raise ConfigError(f"{key} must be a list of strings")
         if self.throughput is not None and (not isinstance(self.throughput, (int, float)) or self.throughput <= 0):
             raise ConfigError("throughput must be a positive number of tokens/s")
-        if not 0 <= int(self.port) < 65536:
-            raise ConfigError(f"port {self.port} is out of range")
+        for key in ("port", "metrics_port"):
+            if not 0 <= int(getattr(self, key)) < 65536:
+                raise ConfigError(f"{key} {getattr(self, key)} is out of range")
 
     def span(self) -> tuple[int, int] | None:
         if self.blocks is None:

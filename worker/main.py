@@ -14,6 +14,7 @@ from corolla.models.registry import family_for
 from corolla.worker.adapters import AdapterSet
 from corolla.worker.config import ConfigError, WorkerConfig
 from corolla.worker.loader import load_config, load_span
+from corolla.worker.metrics import WorkerMetrics
 from corolla.worker.service import WorkerService
 from corolla.worker.swarm import SwarmMembership
 
@@ -49,8 +50,10 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     adapters = AdapterSet(span, family_for(model_config).block_prefix, config.adapters) if config.adapters else None
     service = WorkerService(span, config, model_id, model_config.num_hidden_layers, start, end,
                             model_config.hidden_size, adapters)
+    metrics = WorkerMetrics(service) if config.metrics_port else None
     server = Server(service.handle, f"tcp://{config.host}:{config.port}", max_bytes=config.max_message_bytes,
-                    security=Security.from_file(config.swarm_key))
+                    security=Security.from_file(config.swarm_key), observer=metrics.observe if metrics else None)
+    metrics_http = metrics.serve(config.host, config.metrics_port) if metrics else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -68,6 +71,8 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     await server.drain()
     server.close()
     service.close()
+    if metrics_http is not None:
+        metrics_http.shutdown()
 
 
 async def _expire_sessions(service: WorkerService) -> None:
