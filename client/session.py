@@ -123,7 +123,7 @@ class InferenceSession:
         failed = self._hops[i]
         self._opened.pop(failed, None)
         new_hops = await reroute(self.router, self.bans, failed.start, failed.end)
-        log.warning("session %s: blocks %d:%d move from %s to %s", self.session_id, failed.start, failed.end,
+        log.info("session %s: blocks %d:%d move from %s to %s", self.session_id, failed.start, failed.end,
                     failed.endpoint, [(h.endpoint, h.start, h.end) for h in new_hops])
         self._hops[i:i + 1] = new_hops
         self.recoveries += 1
