@@ -6,9 +6,9 @@ VENV := .venv
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: setup demo test test-quick bench
+.PHONY: setup browser demo test test-quick bench
 
-setup: $(STAMP)
+setup: $(STAMP) browser
 
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
@@ -16,10 +16,20 @@ $(STAMP): requirements.lock pyproject.toml
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
+# Debian's headless Chromium and its driver for the page tests (tests/test_api.py); only as root with apt-get,
+# and never fatal: without them those tests skip. Quick once installed.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing chromium and chromium-driver for the browser tests ..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver) \
+	    >/dev/null 2>&1 || echo "could not install chromium; the browser tests will skip"; \
+	else echo "no chromium (installing it needs root and apt-get); the browser tests will skip"; fi
+
 demo: $(STAMP)
 	$(VENV)/bin/corolla demo $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(VENV)/bin/python -m pytest $(ARGS)
 
 test-quick: $(STAMP)

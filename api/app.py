@@ -98,7 +98,8 @@ def swarm_error(e: BaseException) -> ApiError:
 def create_app(models: list[ServedModel], swarm: SwarmState, metrics: ApiMetrics | None = None) -> FastAPI:
     served = {m.id: m for m in models}
     metrics = metrics or ApiMetrics()
-    app = FastAPI(title="Corolla", summary="OpenAI-compatible API over a Corolla swarm", docs_url="/docs")
+    # No Swagger/ReDoc pages: they load their scripts from a CDN, and everything here works offline.
+    app = FastAPI(title="Corolla", summary="OpenAI-compatible API over a Corolla swarm", docs_url=None, redoc_url=None)
     app.add_middleware(_CountRequests, metrics=metrics)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -111,6 +112,8 @@ def create_app(models: list[ServedModel], swarm: SwarmState, metrics: ApiMetrics
     @app.exception_handler(RequestValidationError)
     async def invalid(_request: Request, e: RequestValidationError) -> JSONResponse:
         first = e.errors()[0] if e.errors() else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            return ApiError(400, "the request body is not valid JSON").response()
         param = ".".join(str(x) for x in first["loc"] if x != "body") or None
         return ApiError(400, f"{param}: {first['msg']}" if param else first["msg"], param=param).response()
 

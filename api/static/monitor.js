@@ -4,8 +4,9 @@
 
 const REFRESH_MS = 1000;
 
-function el(tag, props = {}, ...children) {
+function el(tag, { dataset = {}, ...props } = {}, ...children) {
   const node = Object.assign(document.createElement(tag), props);
+  Object.assign(node.dataset, dataset);
   node.append(...children.filter((c) => c !== null && c !== undefined));
   return node;
 }
@@ -52,7 +53,7 @@ function modelCard(model) {
     : el("span", { className: "chain no", textContent: `full chain: NO, missing blocks ${spans(model.missing)}` });
   const coverage = strip(model.num_blocks, (b) => `c${Math.min(model.coverage[b], 3)}`,
                          (b) => `block ${b}: ${model.coverage[b]} worker(s)`);
-  const head = el("tr", {}, ...["worker", "span", "blocks", "endpoint", "throughput", "cache in use", "health"]
+  const head = el("tr", {}, ...["worker", "span", "blocks", "endpoint", "throughput per block", "cache in use", "health"]
     .map((h) => el("th", { textContent: h })));
   return el("section", { className: "card model", dataset: { model: model.id } },
     el("h2", { textContent: model.id }),
