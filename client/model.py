@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -46,6 +47,7 @@ class DistributedModelMixin:
         bus = BusLoop.get()
         pool = ConnectionPool(bus.context)
         router = SwarmRouter.connect(client_config, model_id, self.remote_layers.num_blocks, bus)
+        weakref.finalize(self, router.close_soon)  # discovery stops with the model
         self.client_config = client_config
         self.remote_layers.bind(client_config, router, pool, bus)
         if client_config.tuning_mode:

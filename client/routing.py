@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 LATENCY = "latency"
 THROUGHPUT = "throughput"
+STATIC = "static"  # the user's own chain (StaticRouter), chosen in client/model.py
 MODES = (LATENCY, THROUGHPUT)
 THROUGHPUT_SPREAD = 0.5
 PING_TIMEOUT_S = 2.0
@@ -81,6 +82,9 @@ class StaticRouter:
             self._infos = list(await asyncio.gather(
                 *(self.pool.get(e).request(InfoRequest(), self.timeout) for e in self.endpoints)))
         return self._infos
+
+    def close_soon(self) -> None:
+        """Nothing runs in the background for a static chain."""
 
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
         hops, position = [], start
@@ -201,7 +205,7 @@ class SwarmRouter:
 
     def __init__(self, view: SwarmView, model_id: str, num_blocks: int, pool: ConnectionPool, mode: str = LATENCY,
                  allowed: Iterable[str] = (), blocked: Iterable[str] = (), discovery_timeout: float = 10.0,
-                 observer=None, rng: random.Random | None = None):
+                 observer=None, rng: random.Random | None = None, bus: BusLoop | None = None):
         if mode not in MODES:
             raise CorollaError(f"routing must be one of {', '.join(MODES)}, not {mode!r}")
         self.view = view
@@ -212,6 +216,7 @@ class SwarmRouter:
         self.blocked = frozenset(blocked)
         self.discovery_timeout = discovery_timeout
         self.observer = observer
+        self.bus = bus
         self.rng = rng or random.Random()
         self.rtt = RttTracker(pool)
         self._refresher: asyncio.Task | None = None
@@ -234,7 +239,7 @@ class SwarmRouter:
                                      interfaces=config.interfaces or None, context=bus.context)
             await observer.start()
             return cls(view, model_id, num_blocks, observer.pool, config.routing, config.allowed_servers,
-                       config.blocked_servers, config.discovery_timeout, observer)
+                       config.blocked_servers, config.discovery_timeout, observer, bus=bus)
 
         return bus.run(start())
 
@@ -289,6 +294,11 @@ class SwarmRouter:
             log.debug("chain for %s %d:%d (%.1f ms): %s", self.model_id, start, end, cost * 1000,
                       [(h.endpoint, h.start, h.end) for h in hops])
             return hops
+
+    def close_soon(self) -> None:
+        """Stop discovery and RTT refreshes from any thread (a model's finalizer calls this)."""
+        if self.bus is not None:
+            asyncio.run_coroutine_threadsafe(self.close(), self.bus.loop)
 
     async def close(self) -> None:
         self._unsubscribe()

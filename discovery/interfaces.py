@@ -4,7 +4,8 @@ mDNS is link-local: a record announced on an interface must carry an address
 reachable on that link. So a worker bound to one address announces that one;
 a worker bound to 0.0.0.0 announces one concrete address per chosen interface
 (never 0.0.0.0, which means nothing to a peer); a worker bound to loopback
-announces on loopback only. Only IPv4 is announced.
+uses no mDNS unless interfaces are named (then it announces on those).
+Only IPv4 is announced.
 """
 from __future__ import annotations
 
@@ -56,6 +57,15 @@ def resolve(interfaces: list[str] | None, bind_host: str | None = None) -> list[
         return [bind_host]
     outside = [str(i.ip) for _, i in local if not i.ip.is_loopback]
     return outside or [LOOPBACK]
+
+
+def announces_by_default(bind_host: str | None) -> bool:
+    """Whether a worker bound to `bind_host` uses mDNS when no interfaces are named.
+
+    Not when bound to loopback: only this host can reach it, and announcing on
+    `lo` would join unrelated local swarms (tests, demos) into one by gossip.
+    """
+    return not (bind_host and _is_ipv4(bind_host) and ipaddress.IPv4Address(bind_host).is_loopback)
 
 
 def announce_endpoints(bound: str, addresses: list[str], public_host: str | None = None) -> list[str]:

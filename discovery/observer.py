@@ -86,6 +86,9 @@ class SwarmObserver:
     # ---- mDNS ------------------------------------------------------------------------------
 
     def _found(self, entry: PeerEntry) -> None:
+        me = self.node.me
+        if me is not None and entry.peer_id == me.peer_id:
+            return  # a worker hears its own announcement
         self.view.put(MDNS, entry)
         self.node.add_seeds(entry.endpoints[:1])  # its gossip table may reach beyond this link
 

@@ -27,10 +27,10 @@ class WorkerPresence:
                  interfaces: list[str] | None = None, interval: float = DEFAULT_INTERVAL_S,
                  bind_host: str | None = None, public_host: str | None = None):
         self.view = view
-        self.mdns = mdns
+        self.mdns = mdns and bool(interfaces or netif.announces_by_default(bind_host))
         self.public_host = public_host
         self.addresses = netif.resolve(interfaces, bind_host)
-        self.observer = SwarmObserver(view, list(initial_peers), mdns, interfaces, interval, bind_host=bind_host)
+        self.observer = SwarmObserver(view, list(initial_peers), self.mdns, interfaces, interval, bind_host=bind_host)
         self.announcer: MdnsAnnouncer | None = None
         self._started = False
         self._tasks: set[asyncio.Task] = set()

@@ -35,7 +35,7 @@ class WorkerConfig:
     threads: int | None = None  # torch intra-op threads; default: torch's choice
     # discovery (corolla.discovery) and block selection (worker/block_selection.py)
     initial_peers: list[str] = dataclasses.field(default_factory=list)  # any live peer's endpoint joins the swarm
-    mdns: bool = True  # announce on the local link and browse it
+    mdns: bool = True  # announce on the local link and browse it (bound to loopback: only with `interfaces`)
     interfaces: list[str] = dataclasses.field(default_factory=list)  # names or IPv4; default: see discovery/interfaces.py
     gossip_interval: float = 2.0  # seconds between gossip rounds; a silent peer expires after ~3 of them
     discovery_wait: float = 2.0  # with num_blocks alone: seconds to listen for the swarm before choosing blocks

@@ -44,7 +44,7 @@ class SwarmMembership:
 
     async def choose_span(self, n: int) -> tuple[int, int]:
         """The n blocks the swarm serves worst, after listening for it for up to `discovery_wait` seconds."""
-        if self.config.initial_peers or self.config.mdns:
+        if self.config.initial_peers or self.presence.mdns:
             await self.presence.discover(self.config.discovery_wait)
         peers = self.view.peers(self.model_id)
         start = choose_start(block_throughputs(peers, self.num_blocks), n)
