@@ -23,7 +23,8 @@ class ClientConfig:
     # discovery and routing (see client/routing.py, corolla.discovery)
     allowed_servers: list[str] = field(default_factory=list)  # peer ids or endpoints; if any, route only via these
     blocked_servers: list[str] = field(default_factory=list)  # peer ids or endpoints never routed through
-    routing: str = "latency"  # "latency": fastest chain per token; "throughput": spread requests over replicas
+    routing: str = "latency"  # "latency": fastest chain per token; "throughput": spread requests over replicas;
+    # "static": initial_peers are the chain, in order, each taking over where the previous one ends
     mdns: bool = True  # with no initial_peers, find workers by mDNS
     interfaces: list[str] = field(default_factory=list)  # mDNS interfaces (names or IPv4); default: non-loopback
     discovery_timeout: float = 10.0  # how long a chain waits for discovery to find blocks it lacks

@@ -20,7 +20,7 @@ from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.client.config import ClientConfig
 from corolla.client.remote_cache import RemotePastKeyValues
 from corolla.client.remote_sequential import RemoteSequential
-from corolla.client.routing import SwarmRouter
+from corolla.client.routing import STATIC, StaticRouter, SwarmRouter
 from corolla.client.session import InferenceSession
 from corolla.models.registry import family_for
 
@@ -46,7 +46,10 @@ class DistributedModelMixin:
         """Bind the remote blocks to workers; done after loading so construction needs no network."""
         bus = BusLoop.get()
         pool = ConnectionPool(bus.context)
-        router = SwarmRouter.connect(client_config, model_id, self.remote_layers.num_blocks, bus)
+        if client_config.routing == STATIC:  # the user's chain, in the user's order
+            router = StaticRouter(client_config.initial_peers, pool, model_id, client_config.request_timeout)
+        else:
+            router = SwarmRouter.connect(client_config, model_id, self.remote_layers.num_blocks, bus)
         weakref.finalize(self, router.close_soon)  # discovery stops with the model
         self.client_config = client_config
         self.remote_layers.bind(client_config, router, pool, bus)
