@@ -33,6 +33,7 @@ from corolla.bus import wire
 from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.errors import CorollaError, MissingBlocksError
 from corolla.bus.messages import InfoRequest, Ping, WorkerInfo
+from corolla.bus.security import Security
 from corolla.discovery.entry import PeerEntry
 from corolla.discovery.view import SwarmView
 
@@ -225,8 +226,10 @@ class SwarmRouter:
         self._unsubscribe = view.subscribe(self._on_view_change)
 
     @classmethod
-    def connect(cls, config, model_id: str, num_blocks: int, bus: BusLoop) -> "SwarmRouter":
-        """Find the swarm as `config` (a ClientConfig) says: gossip from initial_peers, else mDNS."""
+    def connect(cls, config, model_id: str, num_blocks: int, bus: BusLoop,
+                security: Security | None = None) -> "SwarmRouter":
+        """Find the swarm as `config` (a ClientConfig) says: gossip from initial_peers, else mDNS; `security`:
+        a private swarm's key, for gossip and pings."""
         from corolla.discovery.interfaces import order_endpoints
         from corolla.discovery.observer import SwarmObserver
 
@@ -236,7 +239,7 @@ class SwarmRouter:
         async def start() -> SwarmRouter:
             view = SwarmView(order_endpoints)
             observer = SwarmObserver(view, config.initial_peers, mdns=not config.initial_peers,
-                                     interfaces=config.interfaces or None, context=bus.context)
+                                     interfaces=config.interfaces or None, context=bus.context, security=security)
             await observer.start()
             return cls(view, model_id, num_blocks, observer.pool, config.routing, config.allowed_servers,
                        config.blocked_servers, config.discovery_timeout, observer, bus=bus)

@@ -142,21 +142,21 @@ class PeerTable:
         values = list(items.values())
         idx, found = self.locate(keys)
         for i, entry in zip(idx[found], (v for v, f in zip(values, found) if f)):
-            self._set(i, entry)
+            self.assign(i, entry)
         if not found.all():
             new = [v for v, f in zip(values, found) if not f]
             order = np.argsort(np.concatenate([self.keys, keys[~found]]), kind="stable")
-            column = lambda attr, dtype: np.array([getattr(e, attr) for e in new], dtype)  # noqa: E731
             self.keys = np.concatenate([self.keys, keys[~found]])[order]
-            self.ver = np.concatenate([self.ver, column("version", np.uint32)])[order]
-            self.hb = np.concatenate([self.hb, column("heartbeat", np.uint32)])[order]
-            self.heard = np.concatenate([self.heard, column("heard_at", np.float64)])[order]
-            self.gone = np.concatenate([self.gone, column("gone", bool)])[order]
+            self.ver = np.concatenate([self.ver, _column(new, "version", np.uint32)])[order]
+            self.hb = np.concatenate([self.hb, _column(new, "heartbeat", np.uint32)])[order]
+            self.heard = np.concatenate([self.heard, _column(new, "heard_at", np.float64)])[order]
+            self.gone = np.concatenate([self.gone, _column(new, "gone", bool)])[order]
             added = np.empty(len(new), object)
             added[:] = new
             self.entries = np.concatenate([self.entries, added])[order]
 
-    def _set(self, i: int, entry: PeerEntry) -> None:
+    def assign(self, i: int, entry: PeerEntry) -> None:
+        """Overwrite slot `i` (same key) with `entry`, its version, heartbeat and heard_at included."""
         self.entries[i] = entry
         self.ver[i], self.hb[i], self.heard[i], self.gone[i] = entry.version, entry.heartbeat, entry.heard_at, entry.gone
 
@@ -198,6 +198,7 @@ class GossipNode:
         self.first_round = asyncio.Event()
         self._dirty = False
         self._task: asyncio.Task | None = None
+        self._rounds: set[asyncio.Task] = set()
         self.add_seeds(seeds)
         if me is not None:
             self.become(me)
@@ -244,7 +245,7 @@ class GossipNode:
         old = self.table.entries[i]
         new = old.replace(**changes)
         if new != old:
-            self.table._set(i, new.replace(version=old.version + 1, heartbeat=int(self.table.hb[i]),
+            self.table.assign(i, new.replace(version=old.version + 1, heartbeat=int(self.table.hb[i]),
                                            heard_at=self.clock()))
             self._dirty = True
 
@@ -262,14 +263,22 @@ class GossipNode:
         while True:
             due = loop.time() + self.interval * self.rng.uniform(1 - INTERVAL_JITTER, 1 + INTERVAL_JITTER)
             round_ = asyncio.ensure_future(self.gossip_round())
-            round_.add_done_callback(_log_failure)
+            self._rounds.add(round_)
+            round_.add_done_callback(self._round_done)
             await asyncio.sleep(max(0.0, due - loop.time()))
 
+    def _round_done(self, task: asyncio.Task) -> None:
+        self._rounds.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("gossip round failed", exc_info=task.exception())
+
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        """Stop gossiping (rounds under way included); the table stays as it is."""
+        tasks = [t for t in (self._task, *self._rounds) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._task = None
 
     async def leave(self) -> None:
         """Say goodbye: a tombstone pushed straight to a few peers, from where it spreads."""
@@ -440,9 +449,8 @@ class GossipNode:
             self.listener(self.live())
 
 
-def _log_failure(task: asyncio.Task) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        log.error("gossip round failed", exc_info=task.exception())
+def _column(entries: list[PeerEntry], attr: str, dtype) -> np.ndarray:
+    return np.array([getattr(e, attr) for e in entries], dtype)
 
 
 def _pack(records: np.ndarray) -> torch.Tensor | None:

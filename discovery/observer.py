@@ -15,6 +15,7 @@ import zmq.asyncio
 
 from corolla.bus.client import ConnectionPool
 from corolla.bus.errors import ErrorCode, RemoteError
+from corolla.bus.security import Security
 from corolla.bus.messages import InfoRequest, WorkerInfo
 from corolla.discovery import interfaces as netif
 from corolla.discovery.entry import PeerEntry
@@ -41,9 +42,10 @@ class SwarmObserver:
 
     def __init__(self, view: SwarmView, initial_peers: list[str] = (), mdns: bool = True,
                  interfaces: list[str] | None = None, interval: float = DEFAULT_INTERVAL_S,
-                 context: zmq.asyncio.Context | None = None, bind_host: str | None = None):
+                 context: zmq.asyncio.Context | None = None, bind_host: str | None = None,
+                 security: Security | None = None):
         self.view = view
-        self.pool = ConnectionPool(context or zmq.asyncio.Context.instance())
+        self.pool = ConnectionPool(context or zmq.asyncio.Context.instance(), security)  # a private swarm's key
         self.transport = BusTransport(self.pool, timeout=interval)
         self.node = GossipNode(self.transport, seeds=initial_peers, interval=interval,
                                listener=lambda entries: view.replace(GOSSIP, entries),

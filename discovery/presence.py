@@ -10,6 +10,7 @@ import asyncio
 import logging
 
 from corolla.bus.messages import GossipDigest, GossipEntries
+from corolla.bus.security import Security
 from corolla.discovery import interfaces as netif
 from corolla.discovery.entry import PeerEntry
 from corolla.discovery.gossip import DEFAULT_INTERVAL_S
@@ -25,12 +26,13 @@ class WorkerPresence:
 
     def __init__(self, view: SwarmView, initial_peers: list[str] = (), mdns: bool = True,
                  interfaces: list[str] | None = None, interval: float = DEFAULT_INTERVAL_S,
-                 bind_host: str | None = None, public_host: str | None = None):
+                 bind_host: str | None = None, public_host: str | None = None, security: Security | None = None):
         self.view = view
         self.mdns = mdns and bool(interfaces or netif.announces_by_default(bind_host))
         self.public_host = public_host
         self.addresses = netif.resolve(interfaces, bind_host)
-        self.observer = SwarmObserver(view, list(initial_peers), self.mdns, interfaces, interval, bind_host=bind_host)
+        self.observer = SwarmObserver(view, list(initial_peers), self.mdns, interfaces, interval, bind_host=bind_host,
+                                      security=security)
         self.announcer: MdnsAnnouncer | None = None
         self._started = False
         self._tasks: set[asyncio.Task] = set()
