@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_CHAT_MAX_TOKENS = 512  # OpenAI's chat default is "until the context is full"; that is minutes on CPU workers
+DISCONNECT_POLL_S = 0.5  # how often a non-streamed request checks that its client still waits
 SSE_DONE = "data: [DONE]\n\n"
 
 
@@ -182,12 +183,15 @@ def create_app(models: list[ServedModel], swarm: SwarmState, metrics: ApiMetrics
         generation.start()
         return generation
 
-    async def collect(generation: Generation) -> str:
+    async def collect(generation: Generation, request: Request) -> str:
+        """The whole reply; a client that hangs up before it is complete stops the generation."""
+        watcher = asyncio.ensure_future(_cancel_on_disconnect(request, generation))
         try:
             return "".join([delta async for delta in generation.text()])
         except Exception as e:
             raise swarm_error(e) from e
         finally:
+            watcher.cancel()
             if generation.outcome is None:  # the request itself was cancelled (server shutting down)
                 generation.cancel()
 
@@ -230,7 +234,7 @@ def create_app(models: list[ServedModel], swarm: SwarmState, metrics: ApiMetrics
                      total_tokens=generation.prompt_tokens + generation.completion_tokens)
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         model = lookup(body.model)
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if len(prompts) != 1:
@@ -243,7 +247,7 @@ def create_app(models: list[ServedModel], swarm: SwarmState, metrics: ApiMetrics
             return Completion(id=rid, created=created, model=model.id, choices=choices, usage=usage)
 
         if not body.stream:
-            text = await collect(generation)
+            text = await collect(generation, request)
             return completion([CompletionChoice(text=text, finish_reason=generation.finish_reason)],
                               usage_of(generation))
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -252,7 +256,7 @@ def create_app(models: list[ServedModel], swarm: SwarmState, metrics: ApiMetrics
                             (lambda: completion([], usage_of(generation))) if include_usage else None)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         model = lookup(body.model)
         ids = _chat_prompt(model, body.messages)
         generation = start(model, ids, sampling(body, model, len(ids), body.max_completion_tokens or body.max_tokens))
@@ -262,7 +266,7 @@ def create_app(models: list[ServedModel], swarm: SwarmState, metrics: ApiMetrics
             return ChatCompletionChunk(id=rid, created=created, model=model.id, choices=choices, usage=usage)
 
         if not body.stream:
-            text = await collect(generation)
+            text = await collect(generation, request)
             return ChatCompletion(id=rid, created=created, model=model.id, usage=usage_of(generation), choices=[
                 ChatChoice(message=AssistantMessage(content=text), finish_reason=generation.finish_reason)])
         include_usage = body.stream_options is not None and body.stream_options.include_usage
@@ -318,6 +322,12 @@ def _chat_prompt(model: ServedModel, messages: list[ChatMessage]) -> list[int]:
     except Exception as e:  # templates raise on conversations they do not support (roles, order)
         raise ApiError(400, f"the chat template rejects these messages: {e}", param="messages") from e
     return tokenizer(text, add_special_tokens=False).input_ids
+
+
+async def _cancel_on_disconnect(request: Request, generation: Generation) -> None:
+    while not await request.is_disconnected():
+        await asyncio.sleep(DISCONNECT_POLL_S)
+    generation.cancel()
 
 
 def _sse(event) -> str:

@@ -67,16 +67,11 @@ def _start_demo_swarm(stack: contextlib.ExitStack) -> tuple[str, list[str]]:
 
     folder = str(convert())
     log.info("starting the demo's 2 workers of %s ...", folder)
-    port = _free_port()  # the first worker's, so the second joins its swarm: one gossip table for both
-    joins = [["--port", str(port)], ["--initial-peers", f"tcp://127.0.0.1:{port}"]]
-    swarm = stack.enter_context(LocalSwarm([["--config", str(CONFIGS / name), "--model", folder, *join]
-                                            for name, join in zip(DEMO_CONFIGS, joins)]))
-    for worker in swarm.workers:
+    # The second joins the first's swarm (one gossip table for both), once the first answers gossip.
+    first = stack.enter_context(LocalSwarm([["--config", str(CONFIGS / DEMO_CONFIGS[0]), "--model", folder]]))
+    second = stack.enter_context(LocalSwarm([["--config", str(CONFIGS / DEMO_CONFIGS[1]), "--model", folder,
+                                              "--initial-peers", *first.endpoints]]))
+    workers = first.workers + second.workers
+    for worker in workers:
         log.info("worker %s serves blocks %d:%d", worker.endpoint, worker.start, worker.end)
-    return folder, swarm.endpoints
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return folder, [w.endpoint for w in workers]

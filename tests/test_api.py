@@ -98,15 +98,16 @@ def tiny_chat_folder(tmp_path_factory, smollm_folder):
 
 @pytest.fixture(scope="module")
 def swarm(smollm_folder, tiny_chat_folder):
-    port, metrics_port = free_port(), free_port()
-    seed = ["--initial-peers", f"tcp://127.0.0.1:{port}"]  # one gossip swarm, as real workers join one
-    args = [["--model", smollm_folder, "--blocks", "0:15", "--port", str(port), "--metrics-port", str(metrics_port),
-             "--cache-tokens", str(CACHE_TOKENS), *WORKER_FLAGS],
-            ["--model", smollm_folder, "--blocks", "15:30", "--cache-tokens", str(CACHE_TOKENS), *seed, *WORKER_FLAGS],
-            ["--model", tiny_chat_folder, "--blocks", "0:2", *seed, *WORKER_FLAGS]]
-    with LocalSwarm(args) as s:
-        s.metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        yield s
+    """One gossip swarm, as real workers form one: the others join the first once it serves."""
+    metrics_port = free_port()
+    with LocalSwarm([["--model", smollm_folder, "--blocks", "0:15", "--metrics-port", str(metrics_port),
+                      "--cache-tokens", str(CACHE_TOKENS), *WORKER_FLAGS]]) as first:
+        seed = ["--initial-peers", *first.endpoints]
+        with LocalSwarm([["--model", smollm_folder, "--blocks", "15:30", "--cache-tokens", str(CACHE_TOKENS), *seed,
+                          *WORKER_FLAGS],
+                         ["--model", tiny_chat_folder, "--blocks", "0:2", *seed, *WORKER_FLAGS]]) as others:
+            yield SimpleNamespace(endpoints=first.endpoints + others.endpoints,
+                                  metrics_url=f"http://127.0.0.1:{metrics_port}/metrics")
 
 
 @pytest.fixture(scope="module")
@@ -261,8 +262,20 @@ def test_disconnect_mid_stream_closes_the_session_on_the_workers(client, swarm, 
     assert metric(text, "corolla_api_sessions_open", model=SMOL) in (0.0, 1.0)
 
 
+def test_client_giving_up_on_a_whole_reply_stops_it(client, swarm):
+    smol_workers = swarm.endpoints[:2]
+    impatient = client.with_options(timeout=1.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(
+            model=SMOL, messages=[{"role": "user", "content": "Write a long essay about the history of Rome."}],
+            max_tokens=400, temperature=0)
+    wait_until(lambda: all(free == total for free, total in caches(smol_workers)), 10, 0.2)
+
+
 def test_metrics_of_the_api_and_a_worker(client, swarm, api):
     client.chat.completions.create(model=SMOL, messages=CAPITAL, max_tokens=4, temperature=0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model", messages=CAPITAL)
     text = get(f"{api.url}/metrics")
     assert metric(text, "corolla_api_requests_total", route="/v1/chat/completions", status="200") >= 1
     assert metric(text, "corolla_api_requests_total", route="/v1/chat/completions", status="404") >= 1
