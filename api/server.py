@@ -13,6 +13,7 @@ import uvicorn
 
 from corolla.api.app import ServedModel, create_app
 from corolla.api.swarm import SwarmState
+from corolla.bus.security import Security
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,14 @@ class ApiServer(uvicorn.Server):
 
 
 def build(model_folders: list[str], initial_peers: list[str], mdns: bool = True,
-          interfaces: list[str] | None = None, wait: float = DISCOVERY_WAIT_S):
-    """The app and the swarm state it reads (stop the state when done)."""
-    swarm = SwarmState(initial_peers, mdns=mdns and not initial_peers, interfaces=interfaces)
+          interfaces: list[str] | None = None, swarm_key: str | None = None, wait: float = DISCOVERY_WAIT_S):
+    """The app and the swarm state it reads (stop the state when done); `swarm_key`: a private swarm's key file."""
+    swarm = SwarmState(initial_peers, mdns=mdns and not initial_peers, interfaces=interfaces,
+                       security=Security.from_file(swarm_key))
     swarm.start(wait)
     try:
-        models = [ServedModel.load(folder, initial_peers=initial_peers, mdns=mdns, interfaces=interfaces or [])
+        models = [ServedModel.load(folder, initial_peers=initial_peers, mdns=mdns, interfaces=interfaces or [],
+                                   swarm_key=swarm_key)
                   for folder in model_folders]
     except BaseException:
         swarm.stop()
@@ -48,14 +51,14 @@ def build(model_folders: list[str], initial_peers: list[str], mdns: bool = True,
 
 
 def run_api(model_folders: list[str], initial_peers: list[str], host: str, port: int, mdns: bool = True,
-            interfaces: list[str] | None = None, demo: bool = False) -> None:
+            interfaces: list[str] | None = None, swarm_key: str | None = None, demo: bool = False) -> None:
     with contextlib.ExitStack() as stack:
         if demo:
             folder, endpoints = _start_demo_swarm(stack)
             model_folders, initial_peers = model_folders or [folder], [*initial_peers, *endpoints]
         if not model_folders:
             raise ValueError("give --model FOLDER (or --demo)")
-        app, swarm = build(model_folders, initial_peers, mdns, interfaces)
+        app, swarm = build(model_folders, initial_peers, mdns, interfaces, swarm_key)
         stack.callback(swarm.stop)
         ApiServer(uvicorn.Config(app, host=host, port=port, log_level="info")).run()
 

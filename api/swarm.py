@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from corolla.bus.client import BusLoop
+from corolla.bus.security import Security
 from corolla.bus.messages import InfoRequest, WorkerInfo
 from corolla.client.routing import uncovered
 from corolla.discovery.entry import PeerEntry
@@ -40,8 +41,9 @@ class Probe:
 
 class SwarmState:
     def __init__(self, initial_peers: list[str], mdns: bool, interfaces: list[str] | None = None,
-                 bus: BusLoop | None = None):
+                 bus: BusLoop | None = None, security: Security | None = None):
         self.bus = bus or BusLoop.get()
+        self.security = security  # a private swarm's key, for gossip and info requests
         self.initial_peers = list(initial_peers)
         self.mdns = mdns
         self.interfaces = interfaces
@@ -55,7 +57,7 @@ class SwarmState:
 
         async def start() -> None:
             self.observer = SwarmObserver(self.view, self.initial_peers, mdns=self.mdns, interfaces=self.interfaces,
-                                          context=self.bus.context)
+                                          context=self.bus.context, security=self.security)
             await self.observer.start()
             await self.observer.settled(wait)
             await self.probe_all()

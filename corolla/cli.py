@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     api.add_argument("--interfaces", nargs="+", metavar="IFACE", help="mDNS interfaces (default: non-loopback)")
     api.add_argument("--host", default="127.0.0.1", help="address to listen on")
     api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--swarm-key", help="private swarm: file holding the swarm secret (see `corolla keygen`)")
     api.add_argument("--demo", action="store_true", help="first start the demo's local 2-worker swarm and offer it")
     api.set_defaults(run=_api)
 
@@ -156,7 +157,7 @@ def _keygen(args) -> None:
 def _api(args) -> None:
     from corolla.api.server import run_api
     run_api(args.model, args.initial_peers, args.host, args.port, mdns=args.mdns, interfaces=args.interfaces,
-            demo=args.demo)
+            swarm_key=args.swarm_key, demo=args.demo)
 
 
 def _demo(args) -> None:
