@@ -149,11 +149,17 @@ class Generation:
     _queue: asyncio.Queue | None = None
     _loop: asyncio.AbstractEventLoop | None = None
     _matcher: StopMatcher | None = None
-    _last_token: int | None = None
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def outcome(self) -> str | None:
+        """The finish reason, or why there is none; None while generating."""
+        if self.error is not None:
+            return OUTCOME_ERROR
+        return OUTCOME_CANCELLED if self.cancelled else self.finish_reason
 
     def start(self) -> None:
         """Call from the event loop that will read the text."""
@@ -230,10 +236,3 @@ class Generation:
             except Exception:
                 log.exception("on_finish failed")
         self._post(_Done(self.error))
-
-    @property
-    def outcome(self) -> str:
-        """The finish reason, or why there is none."""
-        if self.error is not None:
-            return OUTCOME_ERROR
-        return OUTCOME_CANCELLED if self.cancelled else self.finish_reason
