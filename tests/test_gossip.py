@@ -190,7 +190,7 @@ async def _five_peers_over_zeromq_converge_and_forget_a_dead_one():
         assert ttl == pytest.approx(3 * interval)
         await dead.kill()
         gone = await asyncio.wait_for(all_see(4, alive), 3 * ttl)
-        assert gone <= ttl + 0.1, f"the dead peer lingered {gone:.2f} s, TTL {ttl:.2f} s"
+        assert gone <= ttl + 0.25, f"the dead peer lingered {gone:.2f} s, TTL {ttl:.2f} s"
         await alive[0].node.leave()  # a goodbye: gone from the others at once, not after a TTL
         alive[0].server.close()
         assert await asyncio.wait_for(all_see(3, alive[1:]), 3 * ttl) < 2 * interval
