@@ -226,15 +226,16 @@ class SwarmRouter:
         self._unsubscribe = view.subscribe(self._on_view_change)
 
     @classmethod
-    def connect(cls, config, model_id: str, num_blocks: int, bus: BusLoop,
-                security: Security | None = None) -> "SwarmRouter":
-        """Find the swarm as `config` (a ClientConfig) says: gossip from initial_peers, else mDNS; `security`:
-        a private swarm's key, for gossip and pings."""
+    def connect(cls, config, model_id: str, num_blocks: int, bus: BusLoop) -> "SwarmRouter":
+        """Find the swarm as `config` (a ClientConfig) says: gossip from initial_peers, else mDNS; a private
+        swarm's key (`swarm_key`) secures gossip and pings."""
         from corolla.discovery.interfaces import order_endpoints
         from corolla.discovery.observer import SwarmObserver
 
         if not config.initial_peers and not config.mdns:
             raise CorollaError("no initial_peers given and mDNS is off: there is no way to find the swarm")
+
+        security = Security.from_file(config.swarm_key)
 
         async def start() -> SwarmRouter:
             view = SwarmView(order_endpoints)

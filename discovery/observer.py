@@ -47,13 +47,13 @@ class SwarmObserver:
         self.view = view
         self.pool = ConnectionPool(context or zmq.asyncio.Context.instance(), security)  # a private swarm's key
         self.transport = BusTransport(self.pool, timeout=interval)
-        self.node = GossipNode(self.transport, seeds=initial_peers, interval=interval,
-                               listener=lambda entries: view.replace(GOSSIP, entries),
+        self.node = GossipNode(self.transport, seeds=initial_peers, interval=interval, listener=self._gossiped,
                                pick_endpoint=lambda endpoints: netif.order_endpoints(endpoints)[0],
                                on_error=self._gossip_failed)
         self.mdns_addresses = netif.resolve(interfaces, bind_host) if mdns else []
         self.browser = MdnsBrowser(self.mdns_addresses, self._found, self._lost) if mdns else None
         self._started = 0.0
+        self._probed: set[str] = set()
         self._probes: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -99,10 +99,16 @@ class SwarmObserver:
 
     # ---- peers that do not gossip ----------------------------------------------------------
 
+    def _gossiped(self, entries: list[PeerEntry]) -> None:
+        self.view.replace(GOSSIP, entries)
+        for entry in entries:  # a peer that answered info once now gossips: its gossip entry expires, keep that one
+            self.view.drop(DIRECT, entry.peer_id)
+
     def _gossip_failed(self, endpoint: str, error: Exception) -> None:
-        if isinstance(error, RemoteError) and error.code == ErrorCode.UNKNOWN_KIND and endpoint in self.node.seeds:
-            self.node.seeds.remove(endpoint)
-            self.node.pending_seeds.discard(endpoint)
+        """An initial peer answering UNKNOWN_KIND does not gossip: ask what it serves, once, and keep trying gossip."""
+        if (isinstance(error, RemoteError) and error.code == ErrorCode.UNKNOWN_KIND and endpoint in self.node.seeds
+                and endpoint not in self._probed):
+            self._probed.add(endpoint)
             task = asyncio.ensure_future(self._probe(endpoint))
             self._probes.add(task)
             task.add_done_callback(self._probes.discard)

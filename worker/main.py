@@ -58,9 +58,9 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await membership.join(service, server)  # before serving: gossip never meets a worker that cannot answer it
     serving = asyncio.create_task(server.serve())
     expiry = asyncio.create_task(_expire_sessions(service))
-    await membership.join(service, server)
     if ready is not None:
         ready(service, server.endpoint)
     await stop.wait()

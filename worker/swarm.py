@@ -32,14 +32,14 @@ MOVE_POLL_S = 1.0  # while a move waits for open sessions to end
 
 
 class SwarmMembership:
-    def __init__(self, config: WorkerConfig, model_id: str, num_blocks: int, security: Security | None = None):
+    def __init__(self, config: WorkerConfig, model_id: str, num_blocks: int):
         self.config = config
         self.model_id = model_id
         self.num_blocks = num_blocks
         self.view = SwarmView(order_endpoints)
         self.presence = WorkerPresence(self.view, config.initial_peers, config.mdns, config.interfaces or None,
                                        config.gossip_interval, bind_host=config.host, public_host=config.public_host,
-                                       security=security)
+                                       security=Security.from_file(config.swarm_key))
         self.rng = random.Random()
         self.service = self.server = None
         self._tasks: list[asyncio.Task] = []
