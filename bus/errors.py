@@ -27,6 +27,7 @@ class ErrorCode(StrEnum):
     CACHE_FULL = "CACHE_FULL"  # the KV-cache budget cannot hold this session now
     BUSY = "BUSY"  # queue full; try another worker or later
     UNKNOWN_ADAPTER = "UNKNOWN_ADAPTER"
+    NO_INPUT = "NO_INPUT"  # a step waited for a push from the previous worker that never came
     INTERNAL = "INTERNAL"  # a bug on the worker; the worker keeps serving
     # Raised locally by the client, never sent.
     TIMEOUT = "TIMEOUT"
@@ -35,7 +36,7 @@ class ErrorCode(StrEnum):
 
 #: Codes after which another worker may well succeed: routing bans the peer for a while.
 RETRYABLE = frozenset({ErrorCode.BUSY, ErrorCode.CACHE_FULL, ErrorCode.TIMEOUT, ErrorCode.UNREACHABLE,
-                       ErrorCode.INTERNAL, ErrorCode.UNKNOWN_SESSION})
+                       ErrorCode.INTERNAL, ErrorCode.UNKNOWN_SESSION, ErrorCode.NO_INPUT})
 
 
 class CorollaError(Exception):

@@ -82,11 +82,22 @@ class Step:
     """Append `hidden` at cache position `position` (earlier positions roll the cache back) and return the span's output."""
 
     session_id: str
-    hidden: Tensor  # [batch, new_tokens, hidden]; new_tokens may be 0
+    hidden: Tensor | None  # [batch, new_tokens, hidden]; new_tokens may be 0; None: pushed by the previous worker
     position: int
     attention_mask: Tensor | None = None  # [batch, new_tokens] for the new tokens only
     position_ids: Tensor | None = None  # [batch, new_tokens]
     prompts: Tensor | None = None
+    push_to: str = ""  # server-to-server: also push the output to this worker ...
+    push_session: str = ""  # ... as the input of its step in this session
+
+
+@message("push")
+class Push:
+    """Worker to worker: the output of a step, the input of the next worker's step at the same position."""
+
+    session_id: str
+    position: int
+    hidden: Tensor
 
 
 @message("close")

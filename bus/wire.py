@@ -68,7 +68,7 @@ def _layout(cls: type) -> _Layout:
                 tensors.append(f.name)
             else:
                 scalars[f.name] = hint
-            if f.default is MISSING and f.default_factory is MISSING:
+            if f.default is MISSING and f.default_factory is MISSING and type(None) not in typing.get_args(hint):
                 required.add(f.name)
         layout = _LAYOUTS[cls] = _Layout(tuple(tensors), scalars, frozenset(required))
     return layout

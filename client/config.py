@@ -14,6 +14,7 @@ class ClientConfig:
     wire_dtype: torch.dtype | None = torch.float16  # how activations travel; None: as computed
     codec: str = "raw"  # "raw", "lz4" or "int8" for activations
     request_timeout: float = 30.0
+    use_server_to_server: bool = True  # workers push hidden states to the next worker instead of via the client
     max_retries: int = 5  # attempts to route around failed workers before giving up
     ban_seconds: float = 30.0  # how long a failed worker is kept out of new chains
     swarm_key: str | None = None  # private swarm: file with the swarm secret (`corolla keygen`)

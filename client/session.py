@@ -9,6 +9,7 @@ same tokens.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import uuid
@@ -83,8 +84,16 @@ class InferenceSession:
         self.batch_size = hidden.shape[0]
         if self._hops is None:
             self._hops = await reroute(self.router, self.bans, 0, self.num_blocks)
-        sent: dict[int, torch.Tensor] = {}
         retry = Retry(self.config.max_retries)
+        if self.config.use_server_to_server and len(self._hops) > 1:
+            try:
+                sent, out = await self._step_pushed(hidden, inputs)
+                return self._record(sent, inputs, out)
+            except Exception as e:
+                if not worth_retrying(e):
+                    raise
+                log.info("session %s: pushed step failed (%s); relaying it through the client", self.session_id, e)
+        sent: dict[int, torch.Tensor] = {}
         i = 0
         while i < len(self._hops):
             hop = self._hops[i]
@@ -99,19 +108,52 @@ class InferenceSession:
                 continue
             sent[hop.start] = hidden
             hidden, i = out, i + 1
+        return self._record(sent, inputs, hidden)
+
+    def _record(self, sent: dict[int, torch.Tensor], inputs: _StepInputs, out: torch.Tensor) -> torch.Tensor:
         if inputs.length:
             for block, h in sent.items():
                 self._history.setdefault(block, []).append(h)
             self._steps.append(inputs)
-        return hidden
+        return out
 
-    async def _send(self, hop: Hop, hidden: torch.Tensor, position: int, inputs: _StepInputs) -> torch.Tensor:
-        connection = self.pool.get(hop.endpoint)
+    async def _step_pushed(self, hidden: torch.Tensor, inputs: _StepInputs):
+        """Send the step to every hop at once: the first gets the hidden states, each pushes its output to the next.
+
+        A failure anywhere bans the worker and raises; the caller then relays the step hop by hop (the hops that
+        already computed it roll back to this position and compute it again)."""
+        hops = list(self._hops)
+        for hop in hops:
+            await self._ensure_open(hop)
+        requests = []
+        for k, hop in enumerate(hops):
+            nxt = hops[k + 1] if k + 1 < len(hops) else None
+            prompts = None if inputs.prompts is None else inputs.prompts[hop.start:hop.end]
+            step = Step(self._opened[hop], hidden if k == 0 else None, self.position, inputs.attention_mask,
+                        inputs.position_ids, prompts, nxt.endpoint if nxt else "", self._opened[nxt] if nxt else "")
+            requests.append(self.pool.get(hop.endpoint).request(step, self.config.request_timeout,
+                                                                self.config.activation_codec))
+        replies = await asyncio.gather(*requests, return_exceptions=True)
+        for hop, reply in zip(hops, replies):
+            if isinstance(reply, Exception):
+                if worth_retrying(reply):
+                    self.bans.ban_after(reply, failed_endpoint(reply, hop))
+                raise reply
+        outputs = [r.hidden for r in replies]
+        sent = {hop.start: (hidden if k == 0 else outputs[k - 1]) for k, hop in enumerate(hops)}
+        return sent, outputs[-1]
+
+    async def _ensure_open(self, hop: Hop) -> None:
         if hop not in self._opened:
             hop_session = f"{self.session_id}:{hop.start}:{next(self._ids)}"
-            await connection.request(OpenSession(hop_session, hop.start, hop.end, self.batch_size, self.max_length,
-                                                 self.config.active_adapter), self.config.request_timeout)
+            await self.pool.get(hop.endpoint).request(
+                OpenSession(hop_session, hop.start, hop.end, self.batch_size, self.max_length,
+                            self.config.active_adapter), self.config.request_timeout)
             self._opened[hop] = hop_session
+
+    async def _send(self, hop: Hop, hidden: torch.Tensor, position: int, inputs: _StepInputs) -> torch.Tensor:
+        await self._ensure_open(hop)
+        connection = self.pool.get(hop.endpoint)
         prompts = None if inputs.prompts is None else inputs.prompts[hop.start:hop.end]
         reply = await connection.request(
             Step(self._opened[hop], hidden, position, inputs.attention_mask, inputs.position_ids, prompts),

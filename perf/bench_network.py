@@ -32,6 +32,7 @@ from perf import netem  # noqa: E402
 from perf.bench_inference import decode_steps_per_s, forward_tokens_per_s  # noqa: E402
 
 WORKER_PORT = 31330
+RELAY_OFFSET = 100
 SPANS = ("0:15", "15:30")
 
 
@@ -39,15 +40,18 @@ def client_run(args) -> None:
     """Inside the client's namespace: measure through the given worker endpoints and print JSON."""
     torch.set_num_threads(args.threads)
     from corolla import AutoDistributedModelForCausalLM
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.peers, routing="static",
-                                                            request_timeout=120.0)
-    vocab, out = model.config.vocab_size, {}
-    with torch.inference_mode():
-        for ctx in args.contexts:
-            prompt = torch.randint(0, vocab, (1, ctx), generator=torch.Generator().manual_seed(ctx))
-            out[f"decode_{ctx}_steps_s"] = decode_steps_per_s(model, prompt, args.tokens, 1)
-        for batch in args.batches:
-            out[f"forward_b{batch}_tok_s"] = forward_tokens_per_s(model, batch, 128, 1, vocab)
+    out = {}
+    for push in (False, True):
+        model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.peers, routing="static",
+                                                                request_timeout=120.0, use_server_to_server=push)
+        vocab, mode = model.config.vocab_size, "push" if push else "relay"
+        with torch.inference_mode():
+            for ctx in args.contexts:
+                prompt = torch.randint(0, vocab, (1, ctx), generator=torch.Generator().manual_seed(ctx))
+                out[f"{mode}_decode_{ctx}_steps_s"] = decode_steps_per_s(model, prompt, args.tokens, 1)
+            if not push:  # stateless forwards never push
+                for batch in args.batches:
+                    out[f"forward_b{batch}_tok_s"] = forward_tokens_per_s(model, batch, 128, 1, vocab)
     print(json.dumps(out))
 
 
@@ -68,17 +72,23 @@ def run_profile(name: str, folder: str, args, step_s: float) -> dict:
         workers = []
         try:
             ports = (WORKER_PORT, WORKER_PORT + 1)
+            delay = netem.PROFILES[name].delay_ms
+            peers = []
             for host, span, port in zip(("w1", "w2"), SPANS, ports):
                 ns = topo.netns(host)
-                workers.append(spawn_worker("--model", folder, "--blocks", span, "--host", topo.addr(host),
+                # With latency, a relay in the worker's own namespace holds its public address, so the
+                # client and the other worker (server-to-server pushes) all reach it through the delay.
+                bind = "127.0.0.1" if delay else topo.addr(host)
+                workers.append(spawn_worker("--model", folder, "--blocks", span, "--host", bind,
                                             "--port", str(port), "--no-mdns", "--threads", str(args.threads),
                                             prefix=["ip", "netns", "exec", ns] if ns else None))
+                if delay:
+                    topo.popen(host, [sys.executable, str(ROOT / "perf" / "relay.py"), "--listen",
+                                      f"{topo.addr(host)}:{port + RELAY_OFFSET}", "--target", f"127.0.0.1:{port}",
+                                      "--delay-ms", str(delay)], stdout=subprocess.DEVNULL)
+                peers.append(f"tcp://{topo.addr(host)}:{port + RELAY_OFFSET if delay else port}")
             for w in workers:
                 w.wait_ready(180)
-            peers = []
-            for host, port in zip(("w1", "w2"), ports):
-                addr, port = topo.delayed_endpoint("client", host, port)
-                peers.append(f"tcp://{addr}:{port}")
             argv = [sys.executable, __file__, "_client", "--model", folder, "--threads", str(args.threads),
                     "--tokens", str(args.tokens), "--contexts", *map(str, args.contexts),
                     "--batches", *map(str, args.batches), "--peers", *peers]
@@ -91,7 +101,8 @@ def run_profile(name: str, folder: str, args, step_s: float) -> dict:
             for w in workers:
                 w.stop()
     rtt_s = (link.rtt_p50_ms / 1000) if link else 0.0
-    figures["floor_steps_s"] = 1.0 / (step_s + len(SPANS) * rtt_s)
+    figures["relay_floor_steps_s"] = 1.0 / (step_s + len(SPANS) * rtt_s)  # a round trip per worker
+    figures["push_floor_steps_s"] = 1.0 / (step_s + (len(SPANS) + 1) * rtt_s / 2)  # one one-way delay per link
     figures["link"] = str(link) if link else "loopback (no shaping)"
     return figures
 
@@ -123,16 +134,17 @@ def main() -> None:
         started = time.perf_counter()
         results[name] = run_profile(name, folder, args, step_s)
         print(f"{name}: {results[name]['link']} ({time.perf_counter() - started:.0f} s)", flush=True)
-    ctx_cols = [f"decode_{c}_steps_s" for c in args.contexts]
     fwd_cols = [f"forward_b{b}_tok_s" for b in args.batches]
-    print(f"\nSmolLM2-135M over 2 workers, client-relayed hops; {date.today()}, {os.cpu_count()} cores")
-    header = ["profile", *[f"steps/s {c} ctx" for c in args.contexts], "floor steps/s", "% of floor",
-              *[f"fwd tok/s b{b}" for b in args.batches]]
+    print(f"\nSmolLM2-135M over 2 workers; relay = client-relayed hops, push = server-to-server; "
+          f"{date.today()}, {os.cpu_count()} cores")
+    header = ["profile", *[f"{m} steps/s {c} ctx" for c in args.contexts for m in ("relay", "push")],
+              "relay floor", "push floor", "push % of floor", *[f"fwd tok/s b{b}" for b in args.batches]]
     print(" | ".join(header))
     for name, r in results.items():
-        first = r[ctx_cols[0]]
-        print(" | ".join([name, *[f"{r[c]:.2f}" for c in ctx_cols], f"{r['floor_steps_s']:.2f}",
-                          f"{100 * first / r['floor_steps_s']:.0f}%", *[f"{r[c]:.1f}" for c in fwd_cols]]))
+        first = r[f"push_decode_{args.contexts[0]}_steps_s"]
+        print(" | ".join([name, *[f"{r[f'{m}_decode_{c}_steps_s']:.2f}" for c in args.contexts for m in ("relay", "push")],
+                          f"{r['relay_floor_steps_s']:.2f}", f"{r['push_floor_steps_s']:.2f}",
+                          f"{100 * first / r['push_floor_steps_s']:.0f}%", *[f"{r[c]:.1f}" for c in fwd_cols]]))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"date": str(date.today()), "local_step_s": step_s, **results}, indent=2))
 

@@ -12,23 +12,28 @@ import uuid
 from typing import Any, Awaitable, Callable
 
 import torch
+import zmq.asyncio
 
 from corolla.bus import wire
 from corolla.bus.errors import ErrorCode
+from corolla.bus.client import ConnectionPool
 from corolla.bus.messages import (Ack, Backward, CloseSession, Forward, GradsReply, HiddenReply, InfoRequest,
-                                  OpenSession, Ping, Pong, Step, WorkerInfo)
+                                  OpenSession, Ping, Pong, Push, Step, WorkerInfo)
+from corolla.bus.security import Security
 from corolla.bus.server import RequestError
 from corolla.worker.adapters import AdapterSet
 from corolla.worker.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, PRIORITY_TRAINING, PriorityExecutor
 from corolla.worker.config import WorkerConfig
+from corolla.worker.cuda_graph import GraphDecoder
 from corolla.worker.kv_cache import Session, SessionTable
+from corolla.worker.push import Mailbox, Pusher
 
 log = logging.getLogger(__name__)
 
 
 class WorkerService:
     def __init__(self, span: torch.nn.Module, config: WorkerConfig, model_id: str, num_blocks: int, start: int,
-                 end: int, hidden_size: int, adapters: AdapterSet | None = None):
+                 end: int, hidden_size: int, adapters: AdapterSet | None = None, security: Security | None = None):
         self.span = span
         self.config = config
         self.model_id = model_id
@@ -41,8 +46,13 @@ class WorkerService:
         self.sessions = SessionTable(config.cache_tokens, config.idle_timeout)
         self.adapters = adapters
         self.compute = PriorityExecutor(max_queue=config.max_queue)
+        self.graphs = (GraphDecoder(span, start, end, hidden_size, self.dtype, self.device, config.compile_decode)
+                       if self.device.type == "cuda" and config.cuda_graphs and adapters is None else None)
         self.started = time.time()
         self._extra: dict[type, Callable[[Any], Awaitable[Any]]] = {}
+        self.security = security
+        self.mailbox = Mailbox()
+        self._pusher: Pusher | None = None  # made on first use, on the worker's event loop
 
     def add_handler(self, kind: type, handler: Callable[[Any], Awaitable[Any]]) -> None:
         """Serve another message kind on this worker's socket (discovery's gossip, for one)."""
@@ -56,7 +66,16 @@ class WorkerService:
             return self.info()
         if isinstance(msg, Step):
             session = self.sessions.get(msg.session_id)
-            return HiddenReply(await self.compute.submit(PRIORITY_INFERENCE, self._step, session, msg))
+            if msg.hidden is None:
+                msg.hidden = await self.mailbox.receive(msg.session_id, msg.position, self.config.push_timeout)
+            out = await self.compute.submit(PRIORITY_INFERENCE, self._step, session, msg)
+            if msg.push_to:
+                self._push(msg, out, envelope.reply_codec)
+            return HiddenReply(out)
+        if isinstance(msg, Push):
+            self.sessions.get(msg.session_id)  # only pushes into this worker's open sessions are held
+            self.mailbox.deliver(msg.session_id, msg.position, msg.hidden)
+            return Ack()
         if isinstance(msg, OpenSession):
             return self._open(msg)
         if isinstance(msg, CloseSession):
@@ -75,6 +94,11 @@ class WorkerService:
         if extra is not None:
             return await extra(msg)
         raise RequestError(ErrorCode.UNKNOWN_KIND, f"a worker does not serve {type(msg).KIND!r} requests")
+
+    def _push(self, msg: Step, out: torch.Tensor, codec: wire.Codec) -> None:
+        if self._pusher is None:
+            self._pusher = Pusher(ConnectionPool(zmq.asyncio.Context.instance(), self.security))
+        self._pusher.push(msg.push_to, msg.push_session, msg.position, out, codec)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(peer_id=self.peer_id, model=self.model_id, start=self.start, end=self.end,
@@ -99,7 +123,9 @@ class WorkerService:
         if not msg.session_id or len(msg.session_id) > 128:
             raise RequestError(ErrorCode.BAD_REQUEST, "session id must be 1..128 characters")
         self.sessions.open(Session(msg.session_id, msg.start, msg.end, msg.batch_size, msg.max_length,
-                                   cache=self.span.new_cache(), adapter=msg.adapter))
+                                   cache=self.graphs.new_cache(msg.batch_size, msg.start, msg.end, msg.adapter,
+                                                               msg.max_length)
+                                   if self.graphs else self.span.new_cache(), adapter=msg.adapter))
         return Ack()
 
     def _check_adapter(self, name: str) -> None:
@@ -187,8 +213,11 @@ class WorkerService:
             return hidden.new_zeros((b, 0, self.hidden_size))
         mask = _extend_mask(session.mask, msg.attention_mask, b, session.position, t)
         with torch.inference_mode():
-            out = self._run(hidden, mask, msg.position_ids, session.cache, msg.prompts, session.start, session.end,
-                            session.adapter)
+            out = (self.graphs.step(session.cache, session.position, hidden, msg.position_ids)
+                   if self.graphs and mask is None and msg.prompts is None else None)
+            if out is None:
+                out = self._run(hidden, mask, msg.position_ids, session.cache, msg.prompts, session.start,
+                                session.end, session.adapter)
         session.mask = mask
         session.position += t
         return out
