@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     swarm.add_argument("--once", action="store_true", help="print the table once and exit")
     swarm.add_argument("--refresh", type=float, default=3.0, help="seconds between refreshes")
     swarm.add_argument("--wait", type=float, default=3.0, help="seconds to listen before the first table")
+    swarm.add_argument("--swarm-key", help="private swarm: file holding the swarm secret (see `corolla keygen`)")
     swarm.set_defaults(run=_swarm)
 
     demo = commands.add_parser("demo", help="a local two-worker swarm of SmolLM2-135M generating text")
@@ -139,7 +140,7 @@ def _worker(args) -> None:
 def _swarm(args) -> None:
     from corolla.monitor import run_monitor
     run_monitor(args.initial_peers or [], mdns=args.mdns, interfaces=args.interfaces, model=args.model,
-                once=args.once, refresh=args.refresh, wait=args.wait)
+                once=args.once, refresh=args.refresh, wait=args.wait, swarm_key=args.swarm_key)
 
 
 def _keygen(args) -> None:

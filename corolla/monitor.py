@@ -14,6 +14,7 @@ from typing import TextIO
 
 from corolla.bus.client import BusLoop
 from corolla.bus.errors import MissingBlocksError
+from corolla.bus.security import Security
 from corolla.client.routing import RttTracker, route
 from corolla.discovery.entry import PeerEntry
 from corolla.discovery.interfaces import order_endpoints
@@ -71,12 +72,14 @@ def render(view: SwarmView, rtt: RttTracker, model: str | None = None) -> str:
 
 def run_monitor(initial_peers: list[str], mdns: bool = True, interfaces: list[str] | None = None,
                 model: str | None = None, once: bool = False, refresh: float = 3.0, wait: float = 3.0,
-                out: TextIO = sys.stdout) -> None:
+                out: TextIO = sys.stdout, swarm_key: str | None = None) -> None:
     bus = BusLoop.get()
+    security = Security.from_file(swarm_key)
 
     async def start() -> tuple[SwarmView, SwarmObserver]:
         view = SwarmView(order_endpoints)
-        observer = SwarmObserver(view, initial_peers, mdns=mdns, interfaces=interfaces, context=bus.context)
+        observer = SwarmObserver(view, initial_peers, mdns=mdns, interfaces=interfaces, context=bus.context,
+                                 security=security)
         await observer.start()
         await observer.settled(wait)
         return view, observer
