@@ -32,6 +32,8 @@ MOVE_POLL_S = 1.0  # while a move waits for open sessions to end
 
 
 class SwarmMembership:
+    """One per worker, on its event loop: choose_span() before loading, join() once bound, leave() on SIGTERM."""
+
     def __init__(self, config: WorkerConfig, model_id: str, num_blocks: int):
         self.config = config
         self.model_id = model_id
@@ -54,7 +56,8 @@ class SwarmMembership:
         return start, start + n
 
     async def join(self, service, server) -> None:
-        """Announce the worker (gossip, mDNS) once its server answers; re-check its blocks if it chose them."""
+        """Gossip and announce the worker; call before the server answers anything (a peer asking for gossip
+        must never hear "unknown kind"). Re-checks the blocks periodically if the worker chose them."""
         self.service, self.server = service, server
         throughput = self.config.throughput or await asyncio.to_thread(
             measure_throughput, service.span, service.hidden_size, service.dtype, service.device)
