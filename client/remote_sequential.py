@@ -108,7 +108,7 @@ class _RemoteForward(torch.autograd.Function):
             None if prompts is None else prompts.detach(), Retry(module.client_config.max_retries)))
         ctx.module, ctx.saved = module, saved
         ctx.aux = (attention_mask, position_ids, None if prompts is None else prompts.detach())
-        return out.to(hidden.dtype)
+        return out.to(hidden.device, hidden.dtype)  # the client may compute on a GPU
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -119,4 +119,4 @@ class _RemoteForward(torch.autograd.Function):
                                                            position_ids, prompts, grad_prompts,
                                                            Retry(module.client_config.max_retries)))
         dtype = ctx.saved[0][1].dtype
-        return None, grad_hidden.to(dtype), None, None, grad_prompts
+        return None, grad_hidden.to(ctx.saved[0][1].device, dtype), None, None, grad_prompts

@@ -78,7 +78,7 @@ class InferenceSession:
         inputs = _StepInputs(hidden.shape[1], attention_mask, position_ids, prompts)
         out = self.bus.run(self._step(hidden.detach(), inputs))
         self.position += hidden.shape[1]
-        return out.to(hidden.dtype)
+        return out.to(hidden.device, hidden.dtype)  # the client may compute on a GPU
 
     async def _step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
         self.batch_size = hidden.shape[0]

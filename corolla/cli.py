@@ -50,6 +50,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="serve a LoRA adapter (PEFT folder) under NAME; repeat for several")
     worker.add_argument("--swarm-key", help="private swarm: file holding the swarm secret (see `corolla keygen`)")
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)")
+    worker.add_argument("--quantization", help="none, int8 or nf4: block weights, on a CUDA device (bitsandbytes)")
+    worker.add_argument("--random-weights", action="store_const", const=True,
+                        help="benchmarks only: random blocks shaped by the folder's config.json, no checkpoint read")
+    worker.add_argument("--seed", type=int, help="seed of --random-weights")
+    worker.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
+                        help="CUDA: run single-token steps eagerly instead of replaying CUDA graphs")
+    worker.add_argument("--no-compile-decode", dest="compile_decode", action="store_const", const=False,
+                        help="CUDA: capture the eager decode step instead of a compiled one")
     worker.set_defaults(run=_worker)
 
     keygen = commands.add_parser("keygen", help="create a private swarm's secret key file")
@@ -122,7 +130,8 @@ def _worker(args) -> None:
                                                 "port", "cache_tokens", "max_batch_size", "max_length",
                                                 "idle_timeout", "threads", "initial_peers", "mdns",
                                                 "interfaces", "public_host", "gossip_interval", "discovery_wait",
-                                                "rebalance_interval", "throughput", "metrics_port")}
+                                                "rebalance_interval", "throughput", "metrics_port", "quantization",
+                                                "random_weights", "seed", "cuda_graphs", "compile_decode")}
     if args.adapter:
         pairs = [a.split("=", 1) for a in args.adapter]
         if any(len(p) != 2 or not all(p) for p in pairs):

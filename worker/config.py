@@ -10,6 +10,7 @@ import torch
 import yaml
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+QUANTIZATIONS = ("none", "int8", "nf4")  # weights of GPU workers, see worker/quantize.py
 
 
 class ConfigError(ValueError):
@@ -45,6 +46,11 @@ class WorkerConfig:
     swarm_key: str | None = None  # file with the private swarm's secret (`corolla keygen`); None: public swarm
     max_queue: int = 256  # compute requests waiting at once; beyond it the worker answers BUSY
     metrics_port: int = 0  # Prometheus metrics over HTTP on host:metrics_port; 0: off
+    quantization: str = "none"  # none, int8 or nf4 (bitsandbytes, CUDA only; see worker/quantize.py)
+    random_weights: bool = False  # benchmarks only: random blocks built from config.json, no checkpoint read
+    seed: int = 0  # seed of random_weights
+    cuda_graphs: bool = True  # CUDA devices: single-token steps of batch-1 sessions replay a CUDA graph
+    compile_decode: bool = True  # with cuda_graphs: compile the graphed step first (fuses small kernels)
 
     @classmethod
     def load(cls, path: str | Path | None = None, **overrides: Any) -> "WorkerConfig":
@@ -95,6 +101,11 @@ class WorkerConfig:
         for key in ("port", "metrics_port"):
             if not 0 <= int(getattr(self, key)) < 65536:
                 raise ConfigError(f"{key} {getattr(self, key)} is out of range")
+        if self.quantization not in QUANTIZATIONS:
+            raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
+        if self.quantization != "none" and torch.device(self.device).type != "cuda":
+            raise ConfigError(f"quantization {self.quantization!r} needs a CUDA device (bitsandbytes' kernels), "
+                              f"this worker's device is {self.device!r}: use quantization: none")
 
     def span(self) -> tuple[int, int] | None:
         if self.blocks is None:

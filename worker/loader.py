@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, PretrainedConfig
 
 from corolla.models.registry import family_for
+from corolla.worker.quantize import quantize_linears
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +48,9 @@ def tensor_locations(folder: str | Path) -> dict[str, Path]:
 
 
 def load_span(folder: str | Path, start: int, end: int, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", progress: bool = True) -> torch.nn.Module:
-    """Blocks [start, end) of the model in `folder`, ready to run (eval mode, no grads on weights)."""
+              device: str | torch.device = "cpu", progress: bool = True, quantization: str = "none") -> torch.nn.Module:
+    """Blocks [start, end) of the model in `folder`, ready to run (eval mode, no grads on weights); with
+    `quantization` (int8, nf4: CUDA only) each block's linear layers are quantized as it reaches the device."""
     config = load_config(folder)
     if not 0 <= start < end <= config.num_hidden_layers:
         raise CheckpointError(f"span {start}:{end} is outside the model's {config.num_hidden_layers} blocks")
@@ -72,19 +74,20 @@ def load_span(folder: str | Path, start: int, end: int, dtype: torch.dtype = tor
                 for key, block, name in entries:
                     blocks[block][name] = f.get_tensor(key).to(dtype=dtype)
                     bar.update()
-    state = {}
-    for i, block in enumerate(blocks):
-        if family.adapt_block is not None:
-            block = family.adapt_block(block)
-        state.update({f"layers.{i}.{name}": t.to(device) for name, t in block.items()})
-    missing = {name for name, _ in span.named_parameters() if not name.startswith("rotary_emb.")} - state.keys()
+    if family.adapt_block is not None:
+        blocks = [family.adapt_block(block) for block in blocks]
+    found = {f"layers.{i}.{name}" for i, block in enumerate(blocks) for name in block}
+    missing = {name for name, _ in span.named_parameters() if not name.startswith("rotary_emb.")} - found
     if missing:
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors of blocks {start}:{end}, e.g. {sorted(missing)[0]}")
-    span.load_state_dict(state, strict=False, assign=True)
+    for layer, block in zip(span.layers, blocks):  # block by block: a quantized span never holds all 16-bit weights
+        layer.load_state_dict({name: t.to(device) for name, t in block.items()}, strict=False, assign=True)
+        quantize_linears(layer, quantization)
     leftover = [name for name, p in span.named_parameters() if p.is_meta and not name.startswith("rotary_emb.")]
     if leftover:
         raise CheckpointError(f"blocks {start}:{end}: no weights for {leftover[:3]}")
     span.rotary_emb = rotary
     span.eval().requires_grad_(False)
-    log.info("loaded blocks %d:%d of %s (%d tensors) as %s on %s", start, end, folder, total, dtype, device)
+    log.info("loaded blocks %d:%d of %s (%d tensors) as %s on %s (quantization %s)", start, end, folder, total, dtype,
+             device, quantization)
     return span

@@ -15,6 +15,7 @@ from corolla.worker.adapters import AdapterSet
 from corolla.worker.config import ConfigError, WorkerConfig
 from corolla.worker.loader import load_config, load_span
 from corolla.worker.metrics import WorkerMetrics
+from corolla.worker.random_weights import random_span
 from corolla.worker.service import WorkerService
 from corolla.worker.swarm import SwarmMembership
 
@@ -46,7 +47,12 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     start, end = choose_span(config, model_config.num_hidden_layers)
     if config.span() is None:  # only a number of blocks: take those the swarm serves worst
         start, end = await membership.choose_span(end - start)
-    span = await asyncio.to_thread(load_span, config.model, start, end, config.torch_dtype, config.device)
+    if config.random_weights:  # benchmarks only: shapes from config.json, no checkpoint
+        span = await asyncio.to_thread(random_span, model_config, start, end, config.torch_dtype, config.device,
+                                       config.quantization, config.seed)
+    else:
+        span = await asyncio.to_thread(load_span, config.model, start, end, config.torch_dtype, config.device,
+                                       quantization=config.quantization)
     adapters = AdapterSet(span, family_for(model_config).block_prefix, config.adapters) if config.adapters else None
     service = WorkerService(span, config, model_id, model_config.num_hidden_layers, start, end,
                             model_config.hidden_size, adapters)

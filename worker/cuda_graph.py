@@ -1,0 +1,167 @@
+"""Single-token decode steps of a GPU worker as CUDA graph replays.
+
+Eager PyTorch launches every small kernel of a decode step from Python (dozens
+per block), so a batch-1 step on a fast GPU is bound by launch overhead rather
+than by reading the weights. A session that qualifies (CUDA, batch 1, the whole
+span, no adapter) gets a static KV cache when it opens: prefill and any other
+step still run eagerly into it, and its single-token steps replay a graph
+captured at its first such step, reading and appending to that cache in place.
+Optionally the step is compiled first (inductor fuses the norms, rotary and
+activations), then captured all the same; compilation happens at start-up, so
+no request waits for it. Whatever fails to compile or capture falls back to the
+eager path, which computes the same function.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, StaticLayer
+
+log = logging.getLogger(__name__)
+
+WARMUP_STEPS = 2  # eager steps before the first capture: lazy allocations and library handles stay out of graphs
+# Compile-time cache lengths: two different ones make dynamo generalize the length, so no session recompiles.
+COMPILE_WARMUP_LENGTHS = (16, 24)
+
+
+class StaticSpanLayer(StaticLayer):
+    """transformers' StaticLayer, minus dynamo's static-address marks (they keep every session's cache alive for
+    the life of the process), plus truncation for the worker's rollback."""
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.batch_size, self.num_heads = key_states.shape[:2]
+        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
+        shape = (self.batch_size, self.num_heads, self.max_cache_len)
+        self.keys = torch.zeros(*shape, self.k_head_dim, dtype=self.dtype, device=self.device)
+        self.values = torch.zeros(*shape, self.v_head_dim, dtype=self.dtype, device=self.device)
+        self.cumulative_length = self.cumulative_length.to(self.device)
+        self.is_initialized = True
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens; later slots are masked out and written over by the next steps."""
+        self.cumulative_length.fill_(length)
+
+
+class StaticSpanCache(Cache):
+    """A session's KV cache of its full max_length, allocated at its first step (the size its budget reserved)."""
+
+    def __init__(self, num_layers: int, max_length: int):
+        super().__init__(layers=[StaticSpanLayer(max_cache_len=max_length) for _ in range(num_layers)])
+        self.graph: DecodeGraph | None = None  # captured at the session's first single-token step
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` tokens (the worker's rollback passes the absolute position); a negative value
+        removes that many from the end instead (transformers' newer convention)."""
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.truncate(length if length >= 0 else max(int(layer.get_seq_length()) + length, 0))
+
+
+class DecodeGraph:
+    """One session's single-token step over its static cache, captured once and replayed for every token."""
+
+    def __init__(self, step, cache: StaticSpanCache, hidden_size: int, dtype: torch.dtype, device: torch.device,
+                 pool):
+        self.hidden = torch.zeros(1, 1, hidden_size, dtype=dtype, device=device)
+        self.position_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.out = step(self.hidden, self.position_ids, cache)
+
+    def replay(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        self.hidden.copy_(hidden)
+        self.position_ids.copy_(position_ids)
+        self.graph.replay()
+        return self.out.to("cpu")  # the copy waits for the replay; the reply is encoded from host memory
+
+
+class GraphDecoder:
+    """A worker's CUDA-graph decode path: which sessions get static caches, and their steps as graph replays."""
+
+    def __init__(self, span: nn.Module, start: int, end: int, hidden_size: int, dtype: torch.dtype,
+                 device: torch.device, compile: bool = False):
+        self.span, self.start, self.end = span, start, end
+        self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
+        self.num_layers = len(span.layers)
+        self._pool = None  # one memory pool for every session's graph: replays never overlap (one compute thread)
+        self._warm = False
+        self._step = self._eager_step
+        if compile:
+            self._compile()
+
+    def _eager_step(self, hidden: torch.Tensor, position_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+        return self.span(hidden, position_ids=position_ids, cache=cache)
+
+    def _compile(self) -> None:
+        """Compile the step at start-up, for two cache lengths so that dynamo makes the length symbolic."""
+        started = time.perf_counter()
+        compiled = torch.compile(self._eager_step)
+        try:
+            with torch.inference_mode():
+                for length in COMPILE_WARMUP_LENGTHS:
+                    self._warm_up(compiled, length)
+        except Exception as e:  # inductor or a block it cannot trace: graphs of the eager step still pay off
+            log.warning("compiling the decode step failed (%s: %s); capturing the eager step instead",
+                        type(e).__name__, e)
+            return
+        self._step, self._warm = compiled, True
+        log.info("decode step compiled in %.1f s", time.perf_counter() - started)
+
+    def new_cache(self, batch_size: int, start: int, end: int, adapter: str, max_length: int) -> Cache:
+        """A static cache for sessions whose single-token steps can replay a graph; the span's own cache otherwise."""
+        if batch_size == 1 and not adapter and (start, end) == (self.start, self.end):
+            return StaticSpanCache(self.num_layers, max_length)
+        return self.span.new_cache()
+
+    def step(self, cache: Cache, position: int, hidden: torch.Tensor, position_ids: torch.Tensor | None
+             ) -> torch.Tensor | None:
+        """The output of one new token through the span as a graph replay, or None where the eager path must run
+        (not a static-cache session, nothing cached yet, or the capture failed). Call in inference mode."""
+        if not isinstance(cache, StaticSpanCache) or position == 0 or hidden.shape[:2] != (1, 1):
+            return None
+        if cache.graph is None:
+            cache.graph = self._capture(cache)
+            if cache.graph is None:
+                return None
+        if position_ids is None:
+            position_ids = torch.tensor([[position]])
+        return cache.graph.replay(hidden, position_ids)
+
+    def _capture(self, cache: StaticSpanCache) -> DecodeGraph | None:
+        if not self._warm:
+            self._warm_up(self._step, max(COMPILE_WARMUP_LENGTHS))
+            self._warm = True
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        started = time.perf_counter()
+        try:
+            graph = DecodeGraph(self._step, cache, self.hidden_size, self.dtype, self.device, self._pool)
+        except Exception as e:
+            if self._step == self._eager_step:
+                log.warning("capturing a decode step failed (%s: %s); this session steps eagerly",
+                            type(e).__name__, e)
+                return None
+            log.warning("capturing the compiled decode step failed (%s: %s); capturing the eager step from now on",
+                        type(e).__name__, e)
+            self._step, self._warm = self._eager_step, False
+            return self._capture(cache)
+        log.debug("decode graph captured in %.1f ms", 1e3 * (time.perf_counter() - started))
+        return graph
+
+    def _warm_up(self, step, length: int) -> None:
+        """Single-token steps on a scratch cache (filled eagerly first, as sessions' are), on a side stream, as CUDA
+        graphs want before a capture."""
+        cache = StaticSpanCache(self.num_layers, length)
+        hidden = torch.randn(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            self._eager_step(hidden, torch.zeros(1, 1, dtype=torch.long, device=self.device), cache)
+            for position in range(1, 1 + WARMUP_STEPS):
+                step(hidden, torch.tensor([[position]], device=self.device), cache)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        torch.cuda.synchronize(self.device)
