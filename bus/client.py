@@ -64,7 +64,8 @@ class Connection:
         self.socket.setsockopt(zmq.LINGER, 0)
         (security or Security.public()).apply_client(self.socket)
         # Lost connections (a killed worker) fail the requests in flight at once instead of at their timeout.
-        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+        self._monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        self.connected: bool | None = None  # None until the first connection; False while it is lost
         self.socket.connect(endpoint)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
@@ -75,6 +76,8 @@ class Connection:
         """Send `msg` and wait for its reply; an error reply raises RemoteError naming this worker."""
         if not self._tasks:
             self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
+        if self.connected is False:  # ZeroMQ keeps reconnecting; meanwhile callers route elsewhere at once
+            raise RemoteError(self.endpoint, ErrorCode.UNREACHABLE, "connection lost")
         request_id = next(self._ids)
         future = asyncio.get_running_loop().create_future()
         self._pending[request_id] = future
@@ -104,6 +107,7 @@ class Connection:
     async def _watch(self) -> None:
         while True:
             event = zmq.utils.monitor.parse_monitor_message(await self._monitor.recv_multipart())
+            self.connected = event["event"] == zmq.EVENT_CONNECTED
             if event["event"] == zmq.EVENT_DISCONNECTED:
                 lost = RemoteError(self.endpoint, ErrorCode.UNREACHABLE, "connection lost")
                 for future in self._pending.values():

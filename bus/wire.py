@@ -102,7 +102,7 @@ def encode(msg: Any, request_id: int, codec: Codec = RAW, reply_codec: Codec | N
 def peek_request_id(header_frame) -> int | None:
     """Best-effort request id of a header that may be otherwise invalid, so even bad requests get a matched reply."""
     try:
-        header = msgpack.unpackb(header_frame, raw=False, max_bin_len=0, max_str_len=1024)
+        header = msgpack.unpackb(header_frame, raw=False)
         rid = header.get("id") if isinstance(header, dict) else None
         return rid if isinstance(rid, int) and not isinstance(rid, bool) else None
     except Exception:

@@ -10,7 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from corolla.bus.errors import ErrorCode, MissingBlocksError, RemoteError
+from corolla.bus.errors import ErrorCode, RemoteError
 from corolla.client.routing import Hop, Router
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,10 @@ class Retry:
 async def reroute(router: Router, bans: Bans, start: int, end: int) -> list[Hop]:
     """A chain for [start, end) avoiding banned workers; if only banned ones cover it, try them anyway
     (a restarted worker comes back at the same address)."""
-    try:
-        return await router.chain(start, end, bans.current())
-    except MissingBlocksError:
-        if not bans.current():
-            raise
-        return await router.chain(start, end)
+    banned = bans.current()
+    if banned and not router.covers(start, end, banned):
+        banned = frozenset()
+    return await router.chain(start, end, banned)
 
 
 def failed_endpoint(error: Exception, hop: Hop) -> str:

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig
 
 from corolla.bus.client import BusLoop, ConnectionPool
+from corolla.bus.security import Security
 from corolla.client.config import ClientConfig
 from corolla.client.remote_cache import RemotePastKeyValues
 from corolla.client.remote_sequential import RemoteSequential
@@ -45,7 +46,7 @@ class DistributedModelMixin:
     def attach_swarm(self, client_config: ClientConfig, model_id: str) -> None:
         """Bind the remote blocks to workers; done after loading so construction needs no network."""
         bus = BusLoop.get()
-        pool = ConnectionPool(bus.context)
+        pool = ConnectionPool(bus.context, Security.from_file(client_config.swarm_key))
         if client_config.routing == STATIC:  # the user's chain, in the user's order
             router = StaticRouter(client_config.initial_peers, pool, model_id, client_config.request_timeout)
         else:

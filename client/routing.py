@@ -65,6 +65,9 @@ class Hop:
 class Router(Protocol):
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]: ...
 
+    def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
+        """Whether workers known right now, less `exclude`, cover [start, end) (no waiting for discovery)."""
+
 
 class StaticRouter:
     """The peers the user listed, in order; each takes over where the previous one ends."""
@@ -87,6 +90,10 @@ class StaticRouter:
     def close_soon(self) -> None:
         """Nothing runs in the background for a static chain."""
 
+    def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
+        infos = self._infos or []
+        return not uncovered([i for e, i in zip(self.endpoints, infos) if e not in exclude], start, end)
+
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
         hops, position = [], start
         for endpoint, info in zip(self.endpoints, await self.infos()):
@@ -103,7 +110,7 @@ class StaticRouter:
 # ---- the shortest chain ----------------------------------------------------------------------
 
 
-def uncovered(peers: Iterable[PeerEntry], start: int, end: int) -> list[tuple[int, int]]:
+def uncovered(peers: Iterable[PeerEntry | WorkerInfo], start: int, end: int) -> list[tuple[int, int]]:
     """Runs of blocks in [start, end) that no peer serves."""
     served = set()
     for p in peers:
@@ -272,6 +279,9 @@ class SwarmRouter:
             return (self.rtt.get(peer.endpoint) + blocks * block_s) * spread.get(peer.peer_id, 1.0)
 
         return cost
+
+    def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
+        return not uncovered(self.candidates(exclude), start, end)
 
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
         """The cheapest chain over [start, end); waits up to discovery_timeout for missing blocks to appear."""

@@ -133,13 +133,19 @@ class InferenceSession:
                         inputs.position_ids, prompts, nxt.endpoint if nxt else "", self._opened[nxt] if nxt else "")
             requests.append(self.pool.get(hop.endpoint).request(step, self.config.request_timeout,
                                                                 self.config.activation_codec))
-        replies = await asyncio.gather(*requests, return_exceptions=True)
-        for hop, reply in zip(hops, replies):
-            if isinstance(reply, Exception):
-                if worth_retrying(reply):
-                    self.bans.ban_after(reply, failed_endpoint(reply, hop))
-                raise reply
-        outputs = [r.hidden for r in replies]
+        tasks = [asyncio.ensure_future(r) for r in requests]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            for hop, task in zip(hops, tasks):
+                if task.done() and task.exception() is not None:
+                    error = task.exception()
+                    if worth_retrying(error):
+                        self.bans.ban_after(error, failed_endpoint(error, hop))
+                    raise error
+        finally:
+            for task in tasks:  # downstream workers stop waiting for a push once the relayed step arrives
+                task.cancel()
+        outputs = [t.result().hidden for t in tasks]
         sent = {hop.start: (hidden if k == 0 else outputs[k - 1]) for k, hop in enumerate(hops)}
         return sent, outputs[-1]
 

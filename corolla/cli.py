@@ -131,7 +131,7 @@ def _worker(args) -> None:
                                                 "idle_timeout", "threads", "initial_peers", "mdns",
                                                 "interfaces", "public_host", "gossip_interval", "discovery_wait",
                                                 "rebalance_interval", "throughput", "metrics_port", "quantization",
-                                                "random_weights", "seed", "cuda_graphs", "compile_decode")}
+                                                "random_weights", "seed", "cuda_graphs", "compile_decode", "swarm_key")}
     if args.adapter:
         pairs = [a.split("=", 1) for a in args.adapter]
         if any(len(p) != 2 or not all(p) for p in pairs):

@@ -125,6 +125,20 @@ def test_two_sessions_at_once_do_not_disturb_each_other(smollm_folder, smollm_sw
         assert torch.equal(results[i], wants[i])
 
 
+def test_server_to_server_push_is_token_identical(tiny_llama_folder):
+    from transformers import AutoModelForCausalLM
+    from corolla.bus.messages import InfoRequest
+    local = AutoModelForCausalLM.from_pretrained(tiny_llama_folder).eval()
+    ids = torch.tensor([[7, 8, 9, 10, 11]])
+    want = local.generate(ids, max_new_tokens=16, do_sample=False)
+    with LocalSwarm(worker_args(tiny_llama_folder, ["0:1", "1:3", "3:4"])) as swarm:
+        for push in (True, False):
+            model = remote(tiny_llama_folder, swarm, use_server_to_server=push)
+            assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False), want)
+        pushed = [_request(e, InfoRequest()).extra["pushes_received"] for e in swarm.endpoints]
+    assert pushed[0] == 0 and pushed[1] > 0 and pushed[2] > 0, pushed
+
+
 def _request(endpoint, msg):
     bus = BusLoop.get()
 

@@ -44,6 +44,7 @@ class WorkerConfig:
     throughput: float | None = None  # inference tokens/s per block to announce; default: measured at start
     adapters: dict[str, str] = dataclasses.field(default_factory=dict)  # LoRA name -> PEFT folder
     swarm_key: str | None = None  # file with the private swarm's secret (`corolla keygen`); None: public swarm
+    push_timeout: float = 30.0  # how long a step waits for its input pushed by the previous worker
     max_queue: int = 256  # compute requests waiting at once; beyond it the worker answers BUSY
     metrics_port: int = 0  # Prometheus metrics over HTTP on host:metrics_port; 0: off
     quantization: str = "none"  # none, int8 or nf4 (bitsandbytes, CUDA only; see worker/quantize.py)

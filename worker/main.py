@@ -54,11 +54,12 @@ async def serve(config: WorkerConfig, ready=None) -> None:
         span = await asyncio.to_thread(load_span, config.model, start, end, config.torch_dtype, config.device,
                                        quantization=config.quantization)
     adapters = AdapterSet(span, family_for(model_config).block_prefix, config.adapters) if config.adapters else None
+    security = Security.from_file(config.swarm_key)
     service = WorkerService(span, config, model_id, model_config.num_hidden_layers, start, end,
-                            model_config.hidden_size, adapters)
+                            model_config.hidden_size, adapters, security)
     metrics = WorkerMetrics(service) if config.metrics_port else None
     server = Server(service.handle, f"tcp://{config.host}:{config.port}", max_bytes=config.max_message_bytes,
-                    security=Security.from_file(config.swarm_key), observer=metrics.observe if metrics else None)
+                    security=security, observer=metrics.observe if metrics else None)
     metrics_http = metrics.serve(config.host, config.metrics_port) if metrics else None
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -31,6 +31,7 @@ class Mailbox:
 
     def __init__(self, ttl: float = PUSH_TIMEOUT):
         self.ttl = ttl
+        self.delivered = 0  # pushes received, reported in WorkerInfo.extra
         self._slots: dict[tuple[str, int], tuple[asyncio.Future, float]] = {}
 
     def _slot(self, key: tuple[str, int]) -> asyncio.Future:
@@ -44,8 +45,15 @@ class Mailbox:
 
     def deliver(self, session_id: str, position: int, hidden: torch.Tensor) -> None:
         future = self._slot((session_id, position))
+        self.delivered += 1
         if not future.done():
             future.set_result(hidden)
+
+    def supersede(self, session_id: str, position: int) -> None:
+        """The client sent this step's input itself: a step still waiting for the push gives up."""
+        slot = self._slots.pop((session_id, position), None)
+        if slot is not None and not slot[0].done():
+            slot[0].set_exception(RequestError(ErrorCode.NO_INPUT, "superseded by a step that brought its input"))
 
     async def receive(self, session_id: str, position: int, timeout: float) -> torch.Tensor:
         key = (session_id, position)

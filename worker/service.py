@@ -68,6 +68,8 @@ class WorkerService:
             session = self.sessions.get(msg.session_id)
             if msg.hidden is None:
                 msg.hidden = await self.mailbox.receive(msg.session_id, msg.position, self.config.push_timeout)
+            else:
+                self.mailbox.supersede(msg.session_id, msg.position)
             out = await self.compute.submit(PRIORITY_INFERENCE, self._step, session, msg)
             if msg.push_to:
                 self._push(msg, out, envelope.reply_codec)
@@ -104,7 +106,8 @@ class WorkerService:
         return WorkerInfo(peer_id=self.peer_id, model=self.model_id, start=self.start, end=self.end,
                           num_blocks=self.num_blocks, dtype=self.config.dtype, version=wire.PROTOCOL_VERSION,
                           cache_tokens_free=self.sessions.free_tokens, cache_tokens_total=self.sessions.budget_tokens,
-                          adapters=self.adapters.names if self.adapters else [])
+                          adapters=self.adapters.names if self.adapters else [],
+                          extra={"pushes_received": self.mailbox.delivered})
 
     # ---- validation, on the event loop ---------------------------------------------------
 
