@@ -56,13 +56,20 @@ def client_run(args) -> None:
 
 
 def local_step_seconds(folder: str, threads: int, tokens: int) -> float:
-    """One decode step of the whole model in one process: the compute part of the floor."""
+    """Median time of one single-token decode step of the whole model in one process: the floor's compute."""
     from transformers import AutoModelForCausalLM
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(128))
+    times = []
     with torch.inference_mode():
-        return 1.0 / decode_steps_per_s(model, prompt, tokens, 2)
+        out = model(prompt, use_cache=True)
+        for _ in range(tokens):
+            token = out.logits[:, -1:].argmax(-1)
+            start = time.perf_counter()
+            out = model(token, past_key_values=out.past_key_values, use_cache=True)
+            times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
 
 
 def run_profile(name: str, folder: str, args, step_s: float) -> dict:
