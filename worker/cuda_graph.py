@@ -69,7 +69,8 @@ class DecodeGraph:
         self.hidden = torch.zeros(1, 1, hidden_size, dtype=dtype, device=device)
         self.position_ids = torch.zeros(1, 1, dtype=torch.long, device=device)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        # thread_local: the event loop thread may copy another session's output to the host meanwhile
+        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
             self.out = step(self.hidden, self.position_ids, cache)
 
     def replay(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
