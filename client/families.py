@@ -98,47 +98,38 @@ class _RemoteBlocksModel:
         return self._output_class(last_hidden_state=self.norm(hidden[:, prefix:]), past_key_values=past_key_values)
 
 
+class _DistributedHead(DistributedModelMixin):
+    """A transformers *For* class (LM head, classifier) over a `_RemoteBlocksModel` instead of its own blocks."""
+
+    _blocks_model: type
+
+    def __init__(self, config):
+        with _without_blocks(config):
+            super().__init__(config)
+        self.model = self._blocks_model(config)
+        self.post_init()
+
+    @property
+    def base_model_for_blocks(self):
+        return self.model
+
+
 class DistributedLlamaModel(_RemoteBlocksModel, LlamaModel):
     pass
 
 
-class DistributedLlamaForCausalLM(DistributedModelMixin, LlamaForCausalLM):
-    def __init__(self, config):
-        with _without_blocks(config):
-            super().__init__(config)
-        self.model = DistributedLlamaModel(config)
-        self.post_init()
-
-    @property
-    def base_model_for_blocks(self):
-        return self.model
+class DistributedLlamaForCausalLM(_DistributedHead, LlamaForCausalLM):
+    _blocks_model = DistributedLlamaModel
 
 
-class DistributedLlamaForSequenceClassification(DistributedModelMixin, LlamaForSequenceClassification):
+class DistributedLlamaForSequenceClassification(_DistributedHead, LlamaForSequenceClassification):
+    _blocks_model = DistributedLlamaModel
     _trainable_heads = ("score",)
-
-    def __init__(self, config):
-        with _without_blocks(config):
-            super().__init__(config)
-        self.model = DistributedLlamaModel(config)
-        self.post_init()
-
-    @property
-    def base_model_for_blocks(self):
-        return self.model
 
 
 class DistributedMixtralModel(_RemoteBlocksModel, MixtralModel):
     _output_class = MoeModelOutputWithPast
 
 
-class DistributedMixtralForCausalLM(DistributedModelMixin, MixtralForCausalLM):
-    def __init__(self, config):
-        with _without_blocks(config):
-            super().__init__(config)
-        self.model = DistributedMixtralModel(config)
-        self.post_init()
-
-    @property
-    def base_model_for_blocks(self):
-        return self.model
+class DistributedMixtralForCausalLM(_DistributedHead, MixtralForCausalLM):
+    _blocks_model = DistributedMixtralModel

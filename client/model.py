@@ -119,23 +119,24 @@ class DistributedModelMixin:
         return max(config.max_length, prompt + 1)
 
 
-class AutoDistributedModelForCausalLM:
-    """Picks the family's Distributed*ForCausalLM from the folder's config, as transformers' Auto classes do."""
+class _AutoDistributed:
+    """Picks the family's Distributed* class from the folder's config, as transformers' Auto classes do."""
+
+    _task: str  # the Family attribute naming the class
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path, local_files_only=True)
         family = family_for(config)
-        if family.causal_lm is None:
-            raise ValueError(f"family {family.name} has no causal-LM client class")
-        return family.causal_lm().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        make = getattr(family, cls._task)
+        if make is None:
+            raise ValueError(f"family {family.name} has no {cls._task.replace('_', ' ')} client class")
+        return make().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
 
 
-class AutoDistributedModelForSequenceClassification:
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, local_files_only=True)
-        family = family_for(config)
-        if family.sequence_classification is None:
-            raise ValueError(f"family {family.name} has no sequence-classification client class")
-        return family.sequence_classification().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+class AutoDistributedModelForCausalLM(_AutoDistributed):
+    _task = "causal_lm"
+
+
+class AutoDistributedModelForSequenceClassification(_AutoDistributed):
+    _task = "sequence_classification"
