@@ -247,7 +247,9 @@ def run_model(shape: str, quantization: str, bandwidth: float, quick: bool, logs
             result["local"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(local, b, config.vocab_size, 2)
     if quantization == "none":
         log.info("%s: CUDA-graph vs eager decode, in process", shape)
-        check = checked(graph_check, local, torch.cat([prompt[0].cpu(), local_tokens]), True)
+        # The capture of the eager step here (the workers compile theirs, as the float32 check does): a compile of
+        # all the blocks would cost the run minutes.
+        check = checked(graph_check, local, torch.cat([prompt[0].cpu(), local_tokens]), False)
         check.setdefault("passed", check["max_rel_err"] < BF16_REL_TOLERANCE)
         result["graph_check_bf16"] = check
     del local
@@ -261,19 +263,21 @@ def run_model(shape: str, quantization: str, bandwidth: float, quick: bool, logs
                   str(SEED), "--quantization", quantization, "--no-mdns", "--throughput", "1"]
         log.info("%s %s: starting 2 workers", shape, quantization)
         with LocalSwarm([[*common, "--blocks", f"0:{half}"], [*common, "--blocks", f"{half}:{config.num_hidden_layers}"]],
-                        timeout=WORKER_READY_TIMEOUT) as swarm:
-            client = random_causal_lm(DistributedLlamaForCausalLM, config, DTYPE, "none")
-            client.attach_swarm(ClientConfig(initial_peers=swarm.endpoints, wire_dtype=None), Path(folder).name)
-            with torch.inference_mode():
-                log.info("%s %s: swarm decode", shape, quantization)
-                steps_s, swarm_tokens = decode(client, prompt, new_tokens, 3)
-                result["swarm"] = {"decode_steps_s": steps_s}
-                for b in FORWARD_BATCHES:
-                    result["swarm"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(client, b, config.vocab_size, 2)
+                        timeout=WORKER_READY_TIMEOUT, env={"TORCH_LOGS": "recompiles"}) as swarm:
+            try:
+                client = random_causal_lm(DistributedLlamaForCausalLM, config, DTYPE, "none")
+                client.attach_swarm(ClientConfig(initial_peers=swarm.endpoints, wire_dtype=None), Path(folder).name)
+                with torch.inference_mode():
+                    log.info("%s %s: swarm decode", shape, quantization)
+                    steps_s, swarm_tokens = decode(client, prompt, new_tokens, 3)
+                    result["swarm"] = {"decode_steps_s": steps_s}
+                    for b in FORWARD_BATCHES:
+                        result["swarm"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(client, b, config.vocab_size, 2)
+            finally:
+                for i, w in enumerate(swarm.workers):
+                    (logs / f"worker{i}_{shape}_{quantization}.log").write_text("".join(w.output))
             notes = [line.strip() for w in swarm.workers for line in w.output
                      if "compiled in" in line or "WARNING" in line and "RANDOM WEIGHTS" not in line]
-            for i, w in enumerate(swarm.workers):
-                (logs / f"worker{i}_{shape}_{quantization}.log").write_text("".join(w.output))
         result["worker_notes"] = notes
     same = (swarm_tokens == local_tokens).long()
     result["swarm_tokens_equal_local"] = int(same.cumprod(0).sum())  # leading tokens identical

@@ -14,6 +14,7 @@ eager path, which computes the same function.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 import torch
@@ -22,9 +23,8 @@ from transformers.cache_utils import Cache, StaticLayer
 
 log = logging.getLogger(__name__)
 
-WARMUP_STEPS = 2  # eager steps before the first capture: lazy allocations and library handles stay out of graphs
-# Compile-time cache lengths: two different ones make dynamo generalize the length, so no session recompiles.
-COMPILE_WARMUP_LENGTHS = (16, 24)
+WARMUP_STEPS = 2  # steps run before a thread's first capture: lazy allocations and library handles stay out of graphs
+WARMUP_LENGTH = 16  # tokens of the scratch cache that warm-ups and the compilation run on
 
 
 class StaticSpanLayer(StaticLayer):
@@ -40,6 +40,11 @@ class StaticSpanLayer(StaticLayer):
         self.values = torch.zeros(*shape, self.v_head_dim, dtype=self.dtype, device=self.device)
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.is_initialized = True
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # The length read off the tensor: a compiled step then treats it as a size, not a constant, so one
+        # compilation serves sessions of every max_length.
+        return (self.keys.shape[2] if self.is_initialized else self.max_cache_len), 0
 
     def truncate(self, length: int) -> None:
         """Keep the first `length` tokens; later slots are masked out and written over by the next steps."""
@@ -89,7 +94,7 @@ class GraphDecoder:
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
         self.num_layers = len(span.layers)
         self._pool = None  # one memory pool for every session's graph: replays never overlap (one compute thread)
-        self._warm = False
+        self._warm_threads: set[int] = set()  # threads that ran the step before capturing it
         self._step = self._eager_step
         if compile:
             self._compile()
@@ -98,18 +103,17 @@ class GraphDecoder:
         return self.span(hidden, position_ids=position_ids, cache=cache)
 
     def _compile(self) -> None:
-        """Compile the step at start-up, for two cache lengths so that dynamo makes the length symbolic."""
+        """Compile the step at start-up, with the cache length symbolic so that no session recompiles."""
         started = time.perf_counter()
         compiled = torch.compile(self._eager_step)
         try:
             with torch.inference_mode():
-                for length in COMPILE_WARMUP_LENGTHS:
-                    self._warm_up(compiled, length)
+                self._warm_up(compiled, dynamic_length=True)
         except Exception as e:  # inductor or a block it cannot trace: graphs of the eager step still pay off
             log.warning("compiling the decode step failed (%s: %s); capturing the eager step instead",
                         type(e).__name__, e)
             return
-        self._step, self._warm = compiled, True
+        self._step = compiled
         log.info("decode step compiled in %.1f s", time.perf_counter() - started)
 
     def new_cache(self, batch_size: int, start: int, end: int, adapter: str, max_length: int) -> Cache:
@@ -133,13 +137,13 @@ class GraphDecoder:
         return cache.graph.replay(hidden, position_ids)
 
     def _capture(self, cache: StaticSpanCache) -> DecodeGraph | None:
-        if not self._warm:
-            self._warm_up(self._step, max(COMPILE_WARMUP_LENGTHS))
-            self._warm = True
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
         started = time.perf_counter()
         try:
+            if threading.get_ident() not in self._warm_threads:  # CUDA libraries set up per thread, not in a graph
+                self._warm_up(self._step)
+                self._warm_threads.add(threading.get_ident())
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
             graph = DecodeGraph(self._step, cache, self.hidden_size, self.dtype, self.device, self._pool)
         except Exception as e:
             if self._step == self._eager_step:
@@ -148,20 +152,25 @@ class GraphDecoder:
                 return None
             log.warning("capturing the compiled decode step failed (%s: %s); capturing the eager step from now on",
                         type(e).__name__, e)
-            self._step, self._warm = self._eager_step, False
+            self._step = self._eager_step
+            self._warm_threads.clear()
             return self._capture(cache)
         log.debug("decode graph captured in %.1f ms", 1e3 * (time.perf_counter() - started))
         return graph
 
-    def _warm_up(self, step, length: int) -> None:
+    def _warm_up(self, step, dynamic_length: bool = False) -> None:
         """Single-token steps on a scratch cache (filled eagerly first, as sessions' are), on a side stream, as CUDA
-        graphs want before a capture."""
-        cache = StaticSpanCache(self.num_layers, length)
-        hidden = torch.randn(1, 1, self.hidden_size, dtype=self.dtype, device=self.device)
+        graphs want before a capture. No random numbers: a failed capture leaves the generator unusable."""
+        cache = StaticSpanCache(self.num_layers, WARMUP_LENGTH)
+        hidden = torch.full((1, 1, self.hidden_size), 0.5, dtype=self.dtype, device=self.device)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             self._eager_step(hidden, torch.zeros(1, 1, dtype=torch.long, device=self.device), cache)
+            if dynamic_length:
+                for layer in cache.layers:
+                    torch._dynamo.mark_dynamic(layer.keys, 2)
+                    torch._dynamo.mark_dynamic(layer.values, 2)
             for position in range(1, 1 + WARMUP_STEPS):
                 step(hidden, torch.tensor([[position]], device=self.device), cache)
         torch.cuda.current_stream(self.device).wait_stream(side)
