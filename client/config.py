@@ -14,7 +14,9 @@ class ClientConfig:
     wire_dtype: torch.dtype | None = torch.float16  # how activations travel; None: as computed
     codec: str = "raw"  # "raw", "lz4" or "int8" for activations
     request_timeout: float = 30.0
-    use_server_to_server: bool = True  # workers push hidden states to the next worker instead of via the client
+    # Workers push hidden states to the next worker instead of via the client. None (auto): push where a
+    # measured round trip of the chain exceeds PUSH_MIN_RTT_S; on a fast LAN relaying costs less CPU.
+    use_server_to_server: bool | None = None
     max_retries: int = 5  # attempts to route around failed workers before giving up
     ban_seconds: float = 30.0  # how long a failed worker is kept out of new chains
     swarm_key: str | None = None  # private swarm: file with the swarm secret (`corolla keygen`)

@@ -68,6 +68,9 @@ class Router(Protocol):
     def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
         """Whether workers known right now, less `exclude`, cover [start, end) (no waiting for discovery)."""
 
+    def round_trip(self, endpoint: str) -> float | None:
+        """Measured round-trip time to a worker in seconds, or None if this router does not measure."""
+
 
 class StaticRouter:
     """The peers the user listed, in order; each takes over where the previous one ends."""
@@ -89,6 +92,9 @@ class StaticRouter:
 
     def close_soon(self) -> None:
         """Nothing runs in the background for a static chain."""
+
+    def round_trip(self, endpoint: str) -> float | None:
+        return None
 
     def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
         infos = self._infos or []
@@ -282,6 +288,9 @@ class SwarmRouter:
 
     def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
         return not uncovered(self.candidates(exclude), start, end)
+
+    def round_trip(self, endpoint: str) -> float | None:
+        return self.rtt.rtt.get(endpoint)
 
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
         """The cheapest chain over [start, end); waits up to discovery_timeout for missing blocks to appear."""

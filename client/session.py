@@ -26,6 +26,8 @@ from corolla.client.routing import Hop, Router
 
 log = logging.getLogger(__name__)
 
+PUSH_MIN_RTT_S = 0.002  # below this, pushing saves less latency than the extra concurrent requests cost
+
 
 @dataclass
 class _StepInputs:
@@ -85,7 +87,7 @@ class InferenceSession:
         if self._hops is None:
             self._hops = await reroute(self.router, self.bans, 0, self.num_blocks)
         retry = Retry(self.config.max_retries)
-        if self.config.use_server_to_server and len(self._hops) > 1:
+        if len(self._hops) > 1 and self._push_pays():
             try:
                 sent, out = await self._step_pushed(hidden, inputs)
                 return self._record(sent, inputs, out)
@@ -109,6 +111,12 @@ class InferenceSession:
             sent[hop.start] = hidden
             hidden, i = out, i + 1
         return self._record(sent, inputs, hidden)
+
+    def _push_pays(self) -> bool:
+        if self.config.use_server_to_server is not None:
+            return self.config.use_server_to_server
+        rtts = [self.router.round_trip(hop.endpoint) for hop in self._hops]
+        return any(rtt is not None and rtt >= PUSH_MIN_RTT_S for rtt in rtts)
 
     def _record(self, sent: dict[int, torch.Tensor], inputs: _StepInputs, out: torch.Tensor) -> torch.Tensor:
         if inputs.length:

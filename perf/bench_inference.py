@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--wire", default="float16", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--push", choices=["auto", "on", "off"], default="auto", help="server-to-server push")
     parser.add_argument("--json", default="perf/out/bench_inference.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -82,8 +83,9 @@ def main() -> None:
         log.info("starting 2 workers")
         with LocalSwarm(worker_args) as swarm:
             wire = getattr(torch, args.wire)
-            remote = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=swarm.endpoints,
-                                                                     wire_dtype=wire)
+            remote = AutoDistributedModelForCausalLM.from_pretrained(
+                folder, initial_peers=swarm.endpoints, wire_dtype=wire,
+                use_server_to_server={"auto": None, "on": True, "off": False}[args.push])
             log.info("swarm: decode")
             results["swarm"] = {"decode_steps_s": decode_steps_per_s(remote, prompt, args.new_tokens, args.repeats)}
             for b in (1, 16):

@@ -132,7 +132,7 @@ def test_server_to_server_push_is_token_identical(tiny_llama_folder):
     ids = torch.tensor([[7, 8, 9, 10, 11]])
     want = local.generate(ids, max_new_tokens=16, do_sample=False)
     with LocalSwarm(worker_args(tiny_llama_folder, ["0:1", "1:3", "3:4"])) as swarm:
-        for push in (True, False):
+        for push in (True, False):  # forced: on loopback the automatic choice is to relay
             model = remote(tiny_llama_folder, swarm, use_server_to_server=push)
             assert torch.equal(model.generate(ids, max_new_tokens=16, do_sample=False), want)
         pushed = [_request(e, InfoRequest()).extra["pushes_received"] for e in swarm.endpoints]
