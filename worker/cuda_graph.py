@@ -94,6 +94,7 @@ class GraphDecoder:
         self.hidden_size, self.dtype, self.device = hidden_size, dtype, device
         self.num_layers = len(span.layers)
         self._pool = None  # one memory pool for every session's graph: replays never overlap (one compute thread)
+        self._pool_keeper: torch.cuda.CUDAGraph | None = None
         self._warm_threads: set[int] = set()  # threads that ran the step before capturing it
         self._step = self._eager_step
         if compile:
@@ -142,9 +143,8 @@ class GraphDecoder:
             if threading.get_ident() not in self._warm_threads:  # CUDA libraries set up per thread, not in a graph
                 self._warm_up(self._step)
                 self._warm_threads.add(threading.get_ident())
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
-            graph = DecodeGraph(self._step, cache, self.hidden_size, self.dtype, self.device, self._pool)
+            graph = DecodeGraph(self._step, cache, self.hidden_size, self.dtype, self.device,
+                                self._shared_pool())
         except Exception as e:
             if self._step == self._eager_step:
                 log.warning("capturing a decode step failed (%s: %s); this session steps eagerly",
@@ -157,6 +157,17 @@ class GraphDecoder:
             return self._capture(cache)
         log.debug("decode graph captured in %.1f ms", 1e3 * (time.perf_counter() - started))
         return graph
+
+    def _shared_pool(self):
+        """The memory pool of every session's graph. The allocator keeps a pool only while a graph captured into it
+        lives, and capturing into a pool whose graphs are all gone fails; a one-kernel graph that lives as long as
+        this decoder keeps the pool for the sessions to come."""
+        if self._pool is None:
+            pool, keeper = torch.cuda.graph_pool_handle(), torch.cuda.CUDAGraph()
+            with torch.cuda.graph(keeper, pool=pool, capture_error_mode="thread_local"):
+                torch.ones(1, device=self.device)
+            self._pool, self._pool_keeper = pool, keeper
+        return self._pool
 
     def _warm_up(self, step, dynamic_length: bool = False) -> None:
         """Single-token steps on a scratch cache (filled eagerly first, as sessions' are), on a side stream, as CUDA
