@@ -56,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--seed", type=int, help="seed of --random-weights")
     worker.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
                         help="CUDA: run single-token steps eagerly instead of replaying CUDA graphs")
-    worker.add_argument("--no-compile-decode", dest="compile_decode", action="store_const", const=False,
-                        help="CUDA: capture the eager decode step instead of a compiled one")
+    worker.add_argument("--compile-decode", action="store_const", const=True,
+                        help="CUDA: compile the decode step before capturing it (fewer, fused kernels)")
     worker.set_defaults(run=_worker)
 
     keygen = commands.add_parser("keygen", help="create a private swarm's secret key file")

@@ -5,7 +5,7 @@
 For each model shape (random-normal weights, std 0.02: no checkpoint is read)
 and weight format: (a) plain transformers in this process (eager generate(),
 batch 1, a 128-token prompt, 64 new tokens) and (b) two worker processes on the
-same GPU serving half the blocks each (CUDA-graph decode) plus the Corolla
+same GPU serving half the blocks each (compiled CUDA-graph decode) plus the Corolla
 client on the GPU: single-batch decode steps/s and forward tokens/s (batch 1
 and 64, 128 tokens). Decode steps/s are also given as a share of the memory-
 bandwidth floor: measured copy bandwidth / bytes of weights one decode step
@@ -264,7 +264,7 @@ def run_model(shape: str, quantization: str, bandwidth: float, quick: bool, logs
         config.save_pretrained(folder)
         half = config.num_hidden_layers // 2
         common = ["--model", folder, "--dtype", "bfloat16", "--device", DEVICE, "--random-weights", "--seed",
-                  str(SEED), "--quantization", quantization, "--no-mdns", "--throughput", "1"]
+                  str(SEED), "--quantization", quantization, "--compile-decode", "--no-mdns", "--throughput", "1"]
         log.info("%s %s: starting 2 workers", shape, quantization)
         with LocalSwarm([[*common, "--blocks", f"0:{half}"], [*common, "--blocks", f"{half}:{config.num_hidden_layers}"]],
                         timeout=WORKER_READY_TIMEOUT, env={"TORCH_LOGS": "recompiles"}) as swarm:
