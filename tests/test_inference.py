@@ -176,6 +176,20 @@ def test_session_errors_closed_expired_and_budget(tiny_llama_folder):
         assert e.value.code == ErrorCode.WRONG_BLOCKS
 
 
+def test_step_rolls_back_to_an_earlier_position(tiny_llama_folder):
+    """Re-sending a step at an earlier position (replay, a relayed retry) recomputes it from there."""
+    with LocalSwarm(worker_args(tiny_llama_folder, ["0:4"])) as swarm:
+        endpoint = swarm.endpoints[0]
+        tokens = torch.randn(1, 5, 64)
+        _request(endpoint, OpenSession("r", 0, 4, 1, 16))
+        _request(endpoint, Step("r", tokens[:, :3], 0))
+        first = _request(endpoint, Step("r", tokens[:, 3:5], 3)).hidden
+        again = _request(endpoint, Step("r", tokens[:, 3:5], 3)).hidden
+        assert torch.equal(first, again)
+        whole = _request(endpoint, Step("r", tokens, 0)).hidden
+        assert (whole[:, 3:5] - first).abs().max() < 1e-5
+
+
 def REGISTRY_CLOSE(session_id):
     from corolla.bus.messages import CloseSession
     return CloseSession(session_id)

@@ -208,7 +208,7 @@ class WorkerService:
         if msg.position_ids is not None and (msg.position_ids.min() < 0 or msg.position_ids.max() >= session.max_length):
             raise RequestError(ErrorCode.OUT_OF_RANGE, "position ids out of range")
         if msg.position < session.position:  # a client re-sends from an earlier point: roll the cache back
-            session.cache.crop(msg.position)
+            session.cache.crop(msg.position - session.position)  # a negative count: tokens to drop from the end
             session.position = msg.position
             if session.mask is not None:
                 session.mask = session.mask[:, :msg.position]
