@@ -5,7 +5,7 @@
 For each model shape (random-normal weights, std 0.02: no checkpoint is read)
 and weight format: (a) plain transformers in this process (eager generate(),
 batch 1, a 128-token prompt, 64 new tokens) and (b) two worker processes on the
-same GPU serving half the blocks each (compiled CUDA-graph decode) plus the Corolla
+same GPU serving half the blocks each (CUDA-graph decode; --compile-decode compiles it) plus the Corolla
 client on the GPU: single-batch decode steps/s and forward tokens/s (batch 1
 and 64, 128 tokens). Decode steps/s are also given as a share of the memory-
 bandwidth floor: measured copy bandwidth / bytes of weights one decode step
@@ -225,7 +225,7 @@ def checked(check, *args) -> dict:
         return {"passed": False, "error": f"{type(e).__name__}: {e}"}
 
 
-def run_model(shape: str, quantization: str, bandwidth: float, quick: bool, logs: Path) -> dict:
+def run_model(shape: str, quantization: str, bandwidth: float, quick: bool, logs: Path, compile_decode: bool = False) -> dict:
     from transformers import LlamaForCausalLM
 
     from corolla.client.config import ClientConfig
@@ -264,7 +264,8 @@ def run_model(shape: str, quantization: str, bandwidth: float, quick: bool, logs
         config.save_pretrained(folder)
         half = config.num_hidden_layers // 2
         common = ["--model", folder, "--dtype", "bfloat16", "--device", DEVICE, "--random-weights", "--seed",
-                  str(SEED), "--quantization", quantization, "--compile-decode", "--no-mdns", "--throughput", "1"]
+                  str(SEED), "--quantization", quantization, "--no-mdns", "--throughput", "1",
+                  *(["--compile-decode"] if compile_decode else [])]
         log.info("%s %s: starting 2 workers", shape, quantization)
         with LocalSwarm([[*common, "--blocks", f"0:{half}"], [*common, "--blocks", f"{half}:{config.num_hidden_layers}"]],
                         timeout=WORKER_READY_TIMEOUT, env={"TORCH_LOGS": "recompiles"}) as swarm:
@@ -299,6 +300,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small model and few tokens: check every path fast")
     parser.add_argument("--runs", help=f"shape:quantization,... (default {DEFAULT_RUNS}; --quick: {QUICK_RUNS})")
     parser.add_argument("--json", help="where to write the figures (default $OUT/gpu_bench.json or perf/out/)")
+    parser.add_argument("--compile-decode", action="store_true", help="workers compile their graphed decode step")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not torch.cuda.is_available():
@@ -317,7 +319,7 @@ def main() -> None:
     for shape, quantization in runs:
         try:
             report["runs"].append(run_model(shape, quantization, report["copy_bandwidth_gb_s"] * 1e9, args.quick,
-                                            out.parent))
+                                            out.parent, args.compile_decode))
         except Exception as e:  # the other runs' figures still count
             log.exception("%s %s failed", shape, quantization)
             report["runs"].append({"shape": shape, "quantization": quantization, "error": f"{type(e).__name__}: {e}"})
