@@ -79,14 +79,17 @@ class Connection:
         if self.connected is False:  # ZeroMQ keeps reconnecting; meanwhile callers route elsewhere at once
             raise RemoteError(self.endpoint, ErrorCode.UNREACHABLE, "connection lost")
         request_id = next(self._ids)
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         self._pending[request_id] = future
+        timer = loop.call_later(timeout, _expire, future)  # cheaper than wait_for's extra task per request
         try:
             await self.socket.send_multipart(wire.encode(msg, request_id, codec, reply_codec or codec), copy=False)
-            reply = await asyncio.wait_for(future, timeout)
+            reply = await future
         except asyncio.TimeoutError:
             raise RequestTimeout(self.endpoint, timeout) from None
         finally:
+            timer.cancel()
             self._pending.pop(request_id, None)
         if isinstance(reply, ErrorReply):
             raise RemoteError(self.endpoint, _code(reply.code), reply.message)
@@ -122,6 +125,11 @@ class Connection:
         self.socket.disable_monitor()
         self._monitor.close(linger=0)
         self.socket.close(linger=0)
+
+
+def _expire(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError())
 
 
 def _code(code: str) -> ErrorCode | str:
