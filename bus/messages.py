@@ -151,8 +151,6 @@ class ErrorReply:
     message: str
 
 
-REPLY_KINDS = frozenset({"pong", "ok", "hidden", "grads", "worker_info", "error"})
-
 
 # ---- discovery: gossip (see discovery/gossip.py) ----------------------------------------
 

@@ -47,18 +47,9 @@ def family_for(config: PretrainedConfig) -> Family:
     return family
 
 
-def families() -> dict[str, Family]:
-    _load_builtin()
-    return dict(_FAMILIES)
-
-
 class UnsupportedModelError(ValueError):
     pass
 
 
 def _load_builtin() -> None:
     from corolla.models import llama, mixtral  # noqa: F401  (import registers them)
-
-
-def block_dtype(span: nn.Module) -> torch.dtype:
-    return next(span.parameters()).dtype

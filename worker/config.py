@@ -124,6 +124,3 @@ class WorkerConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
-
-    def with_overrides(self, **overrides: Any) -> "WorkerConfig":
-        return dataclasses.replace(self, **overrides)
