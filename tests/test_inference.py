@@ -186,6 +186,8 @@ def test_step_rolls_back_to_an_earlier_position(tiny_llama_folder):
         first = _request(endpoint, Step("r", tokens[:, 3:5], 3)).hidden
         again = _request(endpoint, Step("r", tokens[:, 3:5], 3)).hidden
         assert torch.equal(first, again)
+        empty = _request(endpoint, Step("r", tokens[:, :0], 5, position_ids=torch.zeros(1, 0, dtype=torch.long)))
+        assert empty.hidden.shape == (1, 0, 64)
         whole = _request(endpoint, Step("r", tokens, 0)).hidden
         assert (whole[:, 3:5] - first).abs().max() < 1e-5
 

@@ -171,12 +171,20 @@ class WorkerService:
         b, t = msg.hidden.shape[:2]
         if t == 0:
             raise RequestError(ErrorCode.BAD_SHAPE, "a forward pass needs at least one token")
-        self._check_aux("attention_mask", msg.attention_mask, (b, t))
-        self._check_aux("position_ids", msg.position_ids, (b, t))
-        self._check_prompts(msg.prompts, msg.end - msg.start, b)
         if t > self.config.max_length:
             raise RequestError(ErrorCode.OUT_OF_RANGE, f"{t} tokens exceed the worker's max length {self.config.max_length}")
-        if msg.position_ids is not None and (msg.position_ids.min() < 0 or msg.position_ids.max() >= self.config.max_length):
+        self._check_extras(msg.hidden, msg.attention_mask, msg.position_ids, msg.prompts, msg.end - msg.start,
+                           self.config.max_length)
+
+    def _check_extras(self, hidden: torch.Tensor, attention_mask, position_ids, prompts, n_blocks: int,
+                      max_length: int) -> None:
+        """What travels beside checked hidden states: masks and positions of their shape, prompts for the blocks."""
+        b, t = hidden.shape[:2]
+        self._check_aux("attention_mask", attention_mask, (b, t))
+        self._check_aux("position_ids", position_ids, (b, t))
+        self._check_prompts(prompts, n_blocks, b)
+        if position_ids is not None and position_ids.numel() \
+                and (position_ids.min() < 0 or position_ids.max() >= max_length):
             raise RequestError(ErrorCode.OUT_OF_RANGE, "position ids out of range")
 
     # ---- compute, on the compute thread ----------------------------------------------------
@@ -196,17 +204,14 @@ class WorkerService:
         hidden = msg.hidden
         self._check_hidden(hidden, session.batch_size)
         b, t = hidden.shape[:2]
-        self._check_aux("attention_mask", msg.attention_mask, (b, t))
-        self._check_aux("position_ids", msg.position_ids, (b, t))
-        self._check_prompts(msg.prompts, session.end - session.start, b)
+        self._check_extras(hidden, msg.attention_mask, msg.position_ids, msg.prompts, session.end - session.start,
+                           session.max_length)
         if not 0 <= msg.position <= session.position:
             raise RequestError(ErrorCode.OUT_OF_RANGE,
                                f"step at position {msg.position}, the session holds {session.position} tokens")
         if msg.position + t > session.max_length:
             raise RequestError(ErrorCode.OUT_OF_RANGE,
                                f"{msg.position + t} tokens exceed the session's max length {session.max_length}")
-        if msg.position_ids is not None and (msg.position_ids.min() < 0 or msg.position_ids.max() >= session.max_length):
-            raise RequestError(ErrorCode.OUT_OF_RANGE, "position ids out of range")
         if msg.position < session.position:  # a client re-sends from an earlier point: roll the cache back
             session.cache.crop(msg.position - session.position)  # a negative count: tokens to drop from the end
             session.position = msg.position
