@@ -10,7 +10,7 @@ import torch
 from corolla import AutoDistributedModelForCausalLM
 from corolla.bus.client import BusLoop, Connection
 from corolla.bus.errors import ErrorCode, RemoteError
-from corolla.bus.messages import OpenSession, Step
+from corolla.bus.messages import CloseSession, OpenSession, Step
 from corolla.worker.launcher import LocalSwarm
 from tests.conftest import worker_args
 
@@ -162,7 +162,7 @@ def test_session_errors_closed_expired_and_budget(tiny_llama_folder):
         with pytest.raises(RemoteError) as e:
             _request(endpoint, OpenSession("s2", 0, 4, 1, 60))  # 60 + 60 > 100 tokens
         assert e.value.code == ErrorCode.CACHE_FULL
-        _request(endpoint, REGISTRY_CLOSE("s1"))
+        _request(endpoint, CloseSession("s1"))
         with pytest.raises(RemoteError) as e:
             _request(endpoint, Step("s1", hidden, 3))
         assert e.value.code == ErrorCode.UNKNOWN_SESSION
@@ -190,8 +190,3 @@ def test_step_rolls_back_to_an_earlier_position(tiny_llama_folder):
         assert empty.hidden.shape == (1, 0, 64)
         whole = _request(endpoint, Step("r", tokens, 0)).hidden
         assert (whole[:, 3:5] - first).abs().max() < 1e-5
-
-
-def REGISTRY_CLOSE(session_id):
-    from corolla.bus.messages import CloseSession
-    return CloseSession(session_id)
