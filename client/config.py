@@ -17,6 +17,9 @@ class ClientConfig:
     # Workers push hidden states to the next worker instead of via the client. None (auto): push where a
     # measured round trip of the chain exceeds PUSH_MIN_RTT_S; on a fast LAN relaying costs less CPU.
     use_server_to_server: bool | None = None
+    # Stateless forward/backward split the batch into micro-batches in flight along the chain at once, so all its
+    # workers compute together. None (auto): from the batch size and the chain's hops; 1: off; n: at most n.
+    micro_batches: int | None = None
     max_retries: int = 5  # attempts to route around failed workers before giving up
     ban_seconds: float = 30.0  # how long a failed worker is kept out of new chains
     swarm_key: str | None = None  # private swarm: file with the swarm secret (`corolla keygen`)

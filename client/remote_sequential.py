@@ -4,8 +4,15 @@ It sits where the family keeps its blocks (`model.model.layers` for Llama), so
 code that walks a transformers model finds it there. Stateless forward passes
 go span by span; autograd flows back through the same spans with backward
 requests, so local parameters (prompts, heads, adapters) receive exact gradients.
+
+A large batch is split into micro-batches that travel the chain concurrently,
+each its own sequence of hop requests, so worker k computes micro-batch i while
+worker k+1 computes i-1 instead of idling; each one re-routes on its own when
+a hop fails, so the others' finished work is kept.
 """
 from __future__ import annotations
+
+import asyncio
 
 import torch
 from torch import nn
@@ -16,6 +23,30 @@ from corolla.client.config import ClientConfig
 from corolla.client.faults import Bans, Retry, failed_endpoint, reroute, worth_retrying
 from corolla.client.routing import Hop, Router
 from corolla.client.session import InferenceSession
+
+
+#: About 4 micro-batches per hop keep the pipeline's fill and drain (hops - 1 idle slots) a small part of the pass
+#: (GPipe's rule of thumb); more only add per-request costs.
+MICRO_BATCHES_PER_HOP = 4
+#: A micro-batch smaller than this does too little compute to hide a request's fixed costs (framing, a round trip).
+MIN_MICRO_BATCH_TOKENS = 512
+
+
+def micro_batch_count(option: int | None, batch: int, tokens_per_row: int, hops: int) -> int:
+    """How many micro-batches a pass of `batch` rows over a chain of `hops` uses (ClientConfig.micro_batches)."""
+    if option is not None:
+        if option < 1:
+            raise ValueError(f"micro_batches must be None (automatic) or at least 1, not {option}")
+        return max(1, min(option, batch))
+    if hops < 2:
+        return 1
+    return max(1, min(batch, MICRO_BATCHES_PER_HOP * hops, batch * tokens_per_row // MIN_MICRO_BATCH_TOKENS))
+
+
+def row_slices(batch: int, n: int) -> list[slice]:
+    """`n` contiguous runs of rows whose sizes differ by at most one."""
+    bounds = [batch * i // n for i in range(n + 1)]
+    return [slice(a, b) for a, b in zip(bounds, bounds[1:])]
 
 
 class RemoteSequential(nn.Module):
@@ -59,10 +90,13 @@ class RemoteSequential(nn.Module):
             raise _Reroute() from e
 
     async def _forward_range(self, start: int, end: int, hidden, attention_mask, position_ids, prompts,
-                             retry: Retry) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
-        """Outputs of blocks [start, end), and each hop with the input it saw (kept for backward)."""
+                             retry: Retry, hops: list[Hop] | None = None
+                             ) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+        """Outputs of blocks [start, end), and each hop with the input it saw (kept for backward); `hops`: a chain
+        already routed for them."""
         saved = []
-        hops = await reroute(self.router, self.bans, start, end)
+        if hops is None:
+            hops = await reroute(self.router, self.bans, start, end)
         while hops:
             hop = hops[0]
             hop_prompts = None if prompts is None else prompts[hop.start:hop.end]
@@ -95,6 +129,49 @@ class RemoteSequential(nn.Module):
                 prompt_grads[hop.start:hop.end] = reply.grad_prompts.to(prompt_grads.dtype)
         return grad
 
+    async def _forward_pipelined(self, hidden, attention_mask, position_ids, prompts
+                                 ) -> tuple[torch.Tensor, list[slice], list[list[tuple[Hop, torch.Tensor]]]]:
+        """All blocks' outputs, computed in micro-batches along one chain; their rows and saved inputs for backward."""
+        hops = await reroute(self.router, self.bans, 0, self.num_blocks)
+        rows = row_slices(hidden.shape[0], micro_batch_count(self.client_config.micro_batches, hidden.shape[0],
+                                                             hidden.shape[1], len(hops)))
+        done = await _all(self._forward_range(0, self.num_blocks, hidden[r], _rows(attention_mask, r),
+                                              _rows(position_ids, r), _prompt_rows(prompts, r),
+                                              Retry(self.client_config.max_retries), hops) for r in rows)
+        return torch.cat([out for out, _ in done]), rows, [saved for _, saved in done]
+
+    async def _backward_pipelined(self, rows: list[slice], saved: list[list[tuple[Hop, torch.Tensor]]], grad,
+                                  attention_mask, position_ids, prompts
+                                  ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gradients for the input and the prompts, micro-batch by micro-batch as the forward split them."""
+        prompt_grads = [None if prompts is None else torch.zeros_like(_prompt_rows(prompts, r)) for r in rows]
+        grads = await _all(self._backward_hops(s, grad[r], _rows(attention_mask, r), _rows(position_ids, r),
+                                               _prompt_rows(prompts, r), g, Retry(self.client_config.max_retries))
+                           for r, s, g in zip(rows, saved, prompt_grads))
+        if prompts is None:
+            return torch.cat(grads), None
+        shared = prompts.shape[1] == 1  # one prompt for every row: its gradient is the sum over rows
+        return torch.cat(grads), sum(prompt_grads) if shared else torch.cat(prompt_grads, dim=1)
+
+
+def _rows(t: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if t is None else t[rows]
+
+
+def _prompt_rows(prompts: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    """Deep prompts [blocks, batch or 1, prefix, hidden] for these rows; one shared by the batch stays whole."""
+    return prompts if prompts is None or prompts.shape[1] == 1 else prompts[:, rows]
+
+
+async def _all(coros) -> list:
+    """Results in order; the first failure cancels the rest, whose work is useless without it."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
 
 class _Reroute(Exception):
     """A hop failed and was banned; route its blocks again."""
@@ -103,20 +180,16 @@ class _Reroute(Exception):
 class _RemoteForward(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module: RemoteSequential, hidden, attention_mask, position_ids, prompts):
-        out, saved = module.bus.run(module._forward_range(
-            0, module.num_blocks, hidden.detach(), attention_mask, position_ids,
-            None if prompts is None else prompts.detach(), Retry(module.client_config.max_retries)))
-        ctx.module, ctx.saved = module, saved
-        ctx.aux = (attention_mask, position_ids, None if prompts is None else prompts.detach())
+        prompts = None if prompts is None else prompts.detach()
+        out, rows, saved = module.bus.run(module._forward_pipelined(hidden.detach(), attention_mask, position_ids,
+                                                                    prompts))
+        ctx.module, ctx.rows, ctx.saved = module, rows, saved
+        ctx.aux = (attention_mask, position_ids, prompts)
+        ctx.device, ctx.dtype = hidden.device, hidden.dtype
         return out.to(hidden.device, hidden.dtype)  # the client may compute on a GPU
 
     @staticmethod
     def backward(ctx, grad_out):
-        attention_mask, position_ids, prompts = ctx.aux
-        module = ctx.module
-        grad_prompts = None if prompts is None else torch.zeros_like(prompts)
-        grad_hidden = module.bus.run(module._backward_hops(ctx.saved, grad_out.contiguous(), attention_mask,
-                                                           position_ids, prompts, grad_prompts,
-                                                           Retry(module.client_config.max_retries)))
-        dtype = ctx.saved[0][1].dtype
-        return None, grad_hidden.to(ctx.saved[0][1].device, dtype), None, None, grad_prompts
+        grad_hidden, grad_prompts = ctx.module.bus.run(ctx.module._backward_pipelined(
+            ctx.rows, ctx.saved, grad_out.contiguous(), *ctx.aux))
+        return None, grad_hidden.to(ctx.device, ctx.dtype), None, None, grad_prompts

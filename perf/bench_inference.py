@@ -1,12 +1,16 @@
 """Swarm vs one process, side by side: single-batch decode steps/s and parallel forward tokens/s.
 
-    python perf/bench_inference.py [--threads 2] [--new-tokens 64] [--json perf/out/bench_inference.json]
+    python perf/bench_inference.py [--threads 2] [--new-tokens 64] [--pipeline-batches 16 64] [--json PATH]
 
 The same SmolLM2-135M runs (a) locally in this process with transformers'
 generate() and forward, and (b) through 2 worker processes on loopback
 (blocks 0:15 and 15:30) with the Corolla client. Both use the same torch thread
 count, and each worker uses it too: the chain's workers compute one after
 another, never at once, in single-batch decode. Ratios are swarm / local.
+
+A second table runs large batches through the swarm's blocks (embeddings, blocks
+and final norm, no LM head) whole (micro_batches=1) and in micro-batches kept in
+flight along the chain (micro_batches automatic); its ratios are automatic / whole.
 """
 from __future__ import annotations
 
@@ -49,6 +53,18 @@ def forward_tokens_per_s(model, batch, seq, repeats, vocab) -> float:
     return batch * seq / best
 
 
+def blocks_tokens_per_s(model, batch, seq, repeats, vocab) -> float:
+    """Forward tokens/s through embeddings, the remote blocks and the final norm: what pipelining changes."""
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0))
+    model.model(ids[:1, :8])  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model.model(ids)
+        best = min(best, time.perf_counter() - start)
+    return batch * seq / best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
@@ -57,6 +73,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--wire", default="float16", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--push", choices=["auto", "on", "off"], default="auto", help="server-to-server push")
+    parser.add_argument("--pipeline-batches", type=int, nargs="*", default=[16, 64],
+                        help="batch sizes (x 128 tokens) run whole and in micro-batches")
     parser.add_argument("--json", default="perf/out/bench_inference.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -91,6 +109,14 @@ def main() -> None:
             for b in (1, 16):
                 log.info("swarm: forward batch %d", b)
                 results["swarm"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(remote, b, 128, args.repeats, vocab)
+            results["pipeline"] = {}
+            for micro_batches, name in ((1, "whole"), (None, "micro")):
+                model = AutoDistributedModelForCausalLM.from_pretrained(
+                    folder, initial_peers=swarm.endpoints, wire_dtype=wire, micro_batches=micro_batches,
+                    request_timeout=600.0, use_server_to_server={"auto": None, "on": True, "off": False}[args.push])
+                for b in args.pipeline_batches:
+                    log.info("swarm: forward batch %d, micro_batches=%s", b, micro_batches)
+                    results["pipeline"][f"{name}_b{b}_tok_s"] = blocks_tokens_per_s(model, b, 128, args.repeats, vocab)
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
     print(f"\nSmolLM2-135M, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; swarm = 2 workers on "
@@ -100,6 +126,10 @@ def main() -> None:
                        ("forward_b16_tok_s", "forward tokens/s, batch 16")):
         a, b = results["local"][key], results["swarm"][key]
         print(f"{label:28} {a:10.1f} {b:10.1f} {b / a:7.2f}")
+    print(f"\n{'swarm blocks, 128 tokens':28} {'whole':>10} {'micro':>10} {'ratio':>7}")
+    for b in args.pipeline_batches:
+        a, m = results["pipeline"][f"whole_b{b}_tok_s"], results["pipeline"][f"micro_b{b}_tok_s"]
+        print(f"{f'forward tokens/s, batch {b}':28} {a:10.1f} {m:10.1f} {m / a:7.2f}")
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": machine, "date": str(date.today()), "args": vars(args), **results}, indent=2))
