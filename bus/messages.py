@@ -33,6 +33,14 @@ class Ping:
     """Round-trip probe; also answered by an idle worker under load, so it measures the link."""
 
 
+@message("probe")
+class Probe:
+    """Link measurement: the worker echoes `data` (random bytes lz4 cannot shrink); timed against a Ping, the echo
+    gives the link's bandwidth (client/routing.py, LinkMeter)."""
+
+    data: Tensor  # uint8
+
+
 @message("info")
 class InfoRequest:
     """Ask a worker what it serves."""
@@ -111,6 +119,11 @@ class CloseSession:
 @message("pong")
 class Pong:
     pass
+
+
+@message("probe_echo")
+class ProbeEcho:
+    data: Tensor
 
 
 @message("ok")

@@ -12,7 +12,10 @@ from corolla.bus.wire import Codec
 class ClientConfig:
     initial_peers: list[str] = field(default_factory=list)  # worker endpoints, e.g. tcp://10.0.0.5:31337
     wire_dtype: torch.dtype | None = torch.float16  # how activations travel; None: as computed
-    codec: str = "raw"  # "raw", "lz4" or "int8" for activations
+    # "raw", "lz4" or "int8" for every activation; "auto": raw or int8 per message from the link's measured bandwidth
+    # and the payload (compression/policy.py). Not the default: int8 changes greedy tokens
+    # (perf/bench_codec_policy.py), and outputs should not depend on the network a user happens to be on.
+    codec: str = "raw"
     request_timeout: float = 30.0
     # Workers push hidden states to the next worker instead of via the client. None (auto): push where a
     # measured round trip of the chain exceeds PUSH_MIN_RTT_S; on a fast LAN relaying costs less CPU.

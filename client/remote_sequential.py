@@ -81,7 +81,9 @@ class RemoteSequential(nn.Module):
         """One request to one hop; a failure bans the worker and raises for the caller to re-route."""
         try:
             return await self.pool.get(hop.endpoint).request(message, self.client_config.request_timeout,
-                                                             self.client_config.activation_codec)
+                                                             await self.router.links.codec(self.client_config,
+                                                                                           message.hidden,
+                                                                                           hop.endpoint))
         except Exception as e:
             if not worth_retrying(e):
                 raise

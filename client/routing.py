@@ -14,7 +14,9 @@ and spans may overlap), and costs
   so concurrent requests spread over replicas of similar speed.
 
 RTTs come from the bus's Ping, measured before a worker is first used and
-refreshed in the background on the bus loop.
+refreshed in the background on the bus loop. Beside them, a LinkMeter measures
+each worker's bandwidth once, when the client first sends it activations, so
+ClientConfig.codec "auto" can choose their codec per link (compression/policy.py).
 """
 from __future__ import annotations
 
@@ -29,11 +31,14 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import torch
+
 from corolla.bus import wire
 from corolla.bus.client import BusLoop, ConnectionPool
-from corolla.bus.errors import CorollaError, MissingBlocksError
-from corolla.bus.messages import InfoRequest, Ping, WorkerInfo
+from corolla.bus.errors import CorollaError, MissingBlocksError, RequestTimeout
+from corolla.bus.messages import InfoRequest, Ping, Probe, WorkerInfo
 from corolla.bus.security import Security
+from corolla.compression import policy
 from corolla.discovery.entry import PeerEntry
 from corolla.discovery.view import SwarmView
 
@@ -51,6 +56,12 @@ RTT_SMOOTHING = 0.3  # weight of a new sample in the running RTT estimate
 UNREACHABLE_RTT_S = 10.0  # a worker that did not answer a ping: used only if nothing else covers its blocks
 UNKNOWN_BLOCK_S = 0.005  # per-block compute time when no worker announces a throughput
 VIEW_POLL_S = 0.5  # while waiting for discovery to fill a gap
+PROBE_START_BYTES = 64 << 10
+PROBE_MAX_BYTES = 4 << 20
+# Probes grow 4x until the echo's transfer takes this long, so timer noise and a shaper's initial burst
+# (tbf lets 50 kB through unshaped at 100 Mbit/s) are a few percent of it: about 0.3 s in all at 100 Mbit/s.
+PROBE_TARGET_S = 0.05
+PROBE_TIMEOUT_S = 5.0  # a probe still unanswered bounds the bandwidth from above; no measurement waits longer
 
 
 @dataclass(frozen=True)
@@ -63,6 +74,8 @@ class Hop:
 
 
 class Router(Protocol):
+    links: "LinkMeter"
+
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]: ...
 
     def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
@@ -82,6 +95,7 @@ class StaticRouter:
         self.pool = pool
         self.model_id = model_id
         self.timeout = timeout
+        self.links = LinkMeter(pool)
         self._infos: list[WorkerInfo] | None = None
 
     async def infos(self) -> list[WorkerInfo]:
@@ -211,6 +225,84 @@ class RttTracker:
             await asyncio.gather(*(self.ping(e) for e in dict.fromkeys(endpoints())))
 
 
+# ---- bandwidth and the activation codec per link ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Link:
+    """A worker's link as the client measured it: round trip and bandwidth (bytes/s each way; inf: too fast to
+    measure)."""
+
+    rtt_s: float
+    bandwidth: float
+
+
+class LinkMeter:
+    """Each worker's Link, measured once, on first use: the fastest of a few Pings, then Probe echoes of growing
+    size; bandwidth = bytes echoed both ways / (echo time - ping time). Runs on the bus loop, one link at a time
+    so measurements do not share the client's own uplink."""
+
+    def __init__(self, pool: ConnectionPool, timeout: float = PROBE_TIMEOUT_S):
+        self.pool = pool
+        self.timeout = timeout
+        self.links: dict[str, Link | None] = {}  # None: could not be measured (old worker, fault): raw
+        self._measuring: dict[str, asyncio.Task] = {}
+        self._one_at_a_time: asyncio.Lock | None = None
+
+    async def get(self, endpoint: str) -> Link | None:
+        if endpoint in self.links:
+            return self.links[endpoint]
+        task = self._measuring.get(endpoint)
+        if task is None:
+            task = self._measuring[endpoint] = asyncio.ensure_future(self._measure(endpoint))
+        return await asyncio.shield(task)  # a cancelled step leaves the measurement running for the next one
+
+    async def codec(self, config, payload: torch.Tensor | None, *endpoints: str) -> wire.Codec:
+        """How activations like `payload` travel over the links to `endpoints` (the slowest one decides) under
+        `config` (a ClientConfig): an explicit codec as configured, "auto" as compression/policy.py chooses."""
+        if config.codec != policy.AUTO:
+            return config.activation_codec
+        if payload is None:
+            return wire.Codec("raw", config.wire_dtype)
+        links = [await self.get(e) for e in endpoints]
+        bandwidth = min((link.bandwidth for link in links if link is not None), default=None)
+        itemsize = (config.wire_dtype or payload.dtype).itemsize
+        return wire.Codec(policy.choose(bandwidth, payload.numel(), itemsize), config.wire_dtype)
+
+    async def _measure(self, endpoint: str) -> Link | None:
+        if self._one_at_a_time is None:
+            self._one_at_a_time = asyncio.Lock()
+        async with self._one_at_a_time:
+            try:
+                link = await self._echoes(endpoint)
+            except CorollaError as e:
+                log.info("link to %s not measured (%s): activations go raw", endpoint, e)
+                link = None
+        self.links[endpoint] = link
+        self._measuring.pop(endpoint, None)
+        log.debug("link to %s: %s", endpoint, link)
+        return link
+
+    async def _echoes(self, endpoint: str) -> Link:
+        connection = self.pool.get(endpoint)
+
+        async def timed(msg) -> float:
+            started = time.perf_counter()
+            await connection.request(msg, self.timeout)
+            return time.perf_counter() - started
+
+        rtt = min([await timed(Ping()) for _ in range(PING_SAMPLES)])
+        size = PROBE_START_BYTES
+        while True:
+            try:
+                transfer = await timed(Probe(torch.randint(0, 256, (size,), dtype=torch.uint8))) - rtt
+            except RequestTimeout:
+                transfer = self.timeout
+            if transfer >= PROBE_TARGET_S or size >= PROBE_MAX_BYTES:
+                return Link(rtt, 2 * size / transfer if transfer > 0 else math.inf)
+            size *= 4
+
+
 # ---- the router --------------------------------------------------------------------------------
 
 
@@ -233,6 +325,7 @@ class SwarmRouter:
         self.bus = bus
         self.rng = rng or random.Random()
         self.rtt = RttTracker(pool)
+        self.links = LinkMeter(pool)
         self._refresher: asyncio.Task | None = None
         self._changed = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None

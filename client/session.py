@@ -139,8 +139,10 @@ class InferenceSession:
             prompts = None if inputs.prompts is None else inputs.prompts[hop.start:hop.end]
             step = Step(self._opened[hop], hidden if k == 0 else None, self.position, inputs.attention_mask,
                         inputs.position_ids, prompts, nxt.endpoint if nxt else "", self._opened[nxt] if nxt else "")
-            requests.append(self.pool.get(hop.endpoint).request(step, self.config.request_timeout,
-                                                                self.config.activation_codec))
+            # The reply and the push to the next worker share one codec; the client sees only its own links, so
+            # the slower of its links to the two workers stands for the link between them.
+            codec = await self.router.links.codec(self.config, hidden, hop.endpoint, *([nxt.endpoint] if nxt else []))
+            requests.append(self.pool.get(hop.endpoint).request(step, self.config.request_timeout, codec))
         tasks = [asyncio.ensure_future(r) for r in requests]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -171,7 +173,7 @@ class InferenceSession:
         prompts = None if inputs.prompts is None else inputs.prompts[hop.start:hop.end]
         reply = await connection.request(
             Step(self._opened[hop], hidden, position, inputs.attention_mask, inputs.position_ids, prompts),
-            self.config.request_timeout, self.config.activation_codec)
+            self.config.request_timeout, await self.router.links.codec(self.config, hidden, hop.endpoint))
         return reply.hidden
 
     async def _replace(self, i: int) -> None:
