@@ -3,15 +3,18 @@
 torch releases the GIL, so the asyncio loop keeps receiving while a block runs.
 A single thread keeps steps of one session in order and makes the cache safe
 without locks; the priority order lets an inference step jump ahead of queued
-training work, so training cannot starve interactive users.
+training work, so training cannot starve interactive users. Jobs that can share
+one pass (decode steps of different sessions, see worker/batching.py) are taken
+off the queue together when the thread comes to the first of them.
 """
 from __future__ import annotations
 
 import asyncio
+import heapq
 import itertools
-import queue
 import threading
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable
 
 from corolla.bus.errors import ErrorCode
 from corolla.bus.server import RequestError
@@ -21,41 +24,96 @@ PRIORITY_FORWARD = 1
 PRIORITY_TRAINING = 2
 
 
+@dataclass(eq=False)
+class _Job:
+    fn: Callable[..., Any] | None  # None: the thread stops
+    args: tuple
+    future: asyncio.Future | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    batched: bool = False  # fn takes a list of items and returns one (result, error) per item
+    group: Hashable | None = None  # batched jobs of one group may run together; None: always alone
+    owner: Hashable | None = None  # jobs of one owner keep their order
+
+
 class PriorityExecutor:
-    def __init__(self, name: str = "corolla-compute", max_queue: int = 1024):
-        self._queue: queue.PriorityQueue = queue.PriorityQueue()
+    def __init__(self, name: str = "corolla-compute", max_queue: int = 1024, max_batch: int = 1):
+        self._heap: list[tuple[int, int, _Job]] = []
+        self._ready = threading.Condition()
         self._order = itertools.count()
         self.max_queue = max_queue
+        self.max_batch = max_batch
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def pending(self) -> int:
-        return self._queue.qsize()
+        return len(self._heap)
 
     def submit(self, priority: int, fn: Callable[..., Any], *args: Any) -> asyncio.Future:
         """Queue `fn(*args)`; the returned future resolves on the caller's event loop.
 
         A full queue answers BUSY at once: the client routes elsewhere instead of waiting behind it."""
-        if self._queue.qsize() >= self.max_queue:
-            raise RequestError(ErrorCode.BUSY, f"{self._queue.qsize()} requests queued; try another worker")
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        self._queue.put((priority, next(self._order), fn, args, future, loop))
-        return future
+        return self._put(priority, _Job(fn, args))
+
+    def submit_batched(self, priority: int, fn: Callable[[list], list[tuple[Any, BaseException | None]]], item: Any,
+                       group: Hashable | None, owner: Hashable) -> asyncio.Future:
+        """Queue `item` for `fn(items)`, which runs it with every queued item of the same group (up to max_batch)
+        and returns one (result, error) per item. An item is never taken ahead of an earlier queued job of its
+        owner, nor beside another of its owner's, so one session's steps stay in order."""
+        return self._put(priority, _Job(fn, (item,), batched=True, group=group, owner=owner))
+
+    def _put(self, priority: int, job: _Job) -> asyncio.Future:
+        if len(self._heap) >= self.max_queue:
+            raise RequestError(ErrorCode.BUSY, f"{len(self._heap)} requests queued; try another worker")
+        job.loop = asyncio.get_running_loop()
+        job.future = job.loop.create_future()
+        with self._ready:
+            heapq.heappush(self._heap, (priority, next(self._order), job))
+            self._ready.notify()
+        return job.future
+
+    def _take(self) -> list[_Job]:
+        """The next job, and the queued jobs that join it."""
+        with self._ready:
+            while not self._heap:
+                self._ready.wait()
+            priority, _, first = heapq.heappop(self._heap)
+            if first.group is None or self.max_batch < 2:
+                return [first]
+            jobs, owners, blocked = [first], {first.owner}, set()
+            for entry in sorted(self._heap):
+                job = entry[2]
+                if len(jobs) == self.max_batch or entry[0] != priority:
+                    break
+                if job.group == first.group and job.owner not in owners and job.owner not in blocked:
+                    jobs.append(job)
+                    owners.add(job.owner)
+                else:  # this job stays queued, so its owner's later jobs must too
+                    blocked.add(job.owner)
+            if len(jobs) > 1:
+                taken = set(map(id, jobs))
+                self._heap = [entry for entry in self._heap if id(entry[2]) not in taken]
+                heapq.heapify(self._heap)
+            return jobs
 
     def _run(self) -> None:
         while True:
-            _, _, fn, args, future, loop = self._queue.get()
-            if fn is None:
+            jobs = self._take()
+            if jobs[0].fn is None:
                 return
             try:
-                result, error = fn(*args), None
-            except BaseException as e:  # handed to the awaiting request, which turns it into an error reply
-                result, error = None, e
-            loop.call_soon_threadsafe(_settle, future, result, error)
+                if jobs[0].batched:
+                    outcomes = jobs[0].fn([job.args[0] for job in jobs])
+                else:
+                    outcomes = [(jobs[0].fn(*jobs[0].args), None)]
+            except BaseException as e:  # handed to the awaiting requests, which turn it into error replies
+                outcomes = [(None, e)] * len(jobs)
+            for job, (result, error) in zip(jobs, outcomes):
+                job.loop.call_soon_threadsafe(_settle, job.future, result, error)
 
     def shutdown(self) -> None:
-        self._queue.put((-1, -1, None, (), None, None))
+        with self._ready:
+            heapq.heappush(self._heap, (-1, -1, _Job(None, ())))
+            self._ready.notify()
         self._thread.join(timeout=30)
 
 

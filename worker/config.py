@@ -46,6 +46,7 @@ class WorkerConfig:
     swarm_key: str | None = None  # file with the private swarm's secret (`corolla keygen`); None: public swarm
     push_timeout: float = 30.0  # how long a step waits for its input pushed by the previous worker
     max_queue: int = 256  # compute requests waiting at once; beyond it the worker answers BUSY
+    max_decode_batch: int = 16  # single-token steps of different sessions run as one pass, up to this many; 1: off
     metrics_port: int = 0  # Prometheus metrics over HTTP on host:metrics_port; 0: off
     quantization: str = "none"  # none, int8 or nf4 (bitsandbytes, CUDA only; see worker/quantize.py)
     random_weights: bool = False  # benchmarks only: random blocks built from config.json, no checkpoint read
@@ -85,7 +86,7 @@ class WorkerConfig:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.blocks is not None:
             self.span()
-        for key in ("cache_tokens", "max_batch_size", "max_length", "max_message_bytes"):
+        for key in ("cache_tokens", "max_batch_size", "max_length", "max_message_bytes", "max_decode_batch"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise ConfigError(f"{key} must be a positive integer")
         if not isinstance(self.adapters, dict) or not all(isinstance(k, str) and isinstance(v, str)

@@ -22,6 +22,7 @@ from corolla.bus.messages import (Ack, Backward, CloseSession, Forward, GradsRep
 from corolla.bus.security import Security
 from corolla.bus.server import RequestError
 from corolla.worker.adapters import AdapterSet
+from corolla.worker.batching import Row, groups, joinable, step_together
 from corolla.worker.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, PRIORITY_TRAINING, PriorityExecutor
 from corolla.worker.config import WorkerConfig
 from corolla.worker.cuda_graph import GraphDecoder
@@ -45,7 +46,9 @@ class WorkerService:
         self.peer_id = uuid.uuid4().hex[:16]
         self.sessions = SessionTable(config.cache_tokens, config.idle_timeout)
         self.adapters = adapters
-        self.compute = PriorityExecutor(max_queue=config.max_queue)
+        self.compute = PriorityExecutor(max_queue=config.max_queue, max_batch=config.max_decode_batch)
+        self.batched_steps = 0  # steps that ran in one pass with other sessions' steps
+        self.decode_batches = 0  # such passes
         self.graphs = (GraphDecoder(span, start, end, hidden_size, self.dtype, self.device, config.compile_decode)
                        if self.device.type == "cuda" and config.cuda_graphs and adapters is None else None)
         self.started = time.time()
@@ -70,7 +73,8 @@ class WorkerService:
                 msg.hidden = await self.mailbox.receive(msg.session_id, msg.position, self.config.push_timeout)
             else:
                 self.mailbox.supersede(msg.session_id, msg.position)
-            out = await self.compute.submit(PRIORITY_INFERENCE, self._step, session, msg)
+            out = await self.compute.submit_batched(PRIORITY_INFERENCE, self._steps, (session, msg),
+                                                    self._batch_key(session, msg), session.session_id)
             if msg.push_to:
                 self._push(msg, out, envelope.reply_codec)
             return HiddenReply(out)
@@ -107,7 +111,8 @@ class WorkerService:
                           num_blocks=self.num_blocks, dtype=self.config.dtype, version=wire.PROTOCOL_VERSION,
                           cache_tokens_free=self.sessions.free_tokens, cache_tokens_total=self.sessions.budget_tokens,
                           adapters=self.adapters.names if self.adapters else [],
-                          extra={"pushes_received": self.mailbox.delivered})
+                          extra={"pushes_received": self.mailbox.delivered, "batched_steps": self.batched_steps,
+                                 "decode_batches": self.decode_batches})
 
     # ---- validation, on the event loop ---------------------------------------------------
 
@@ -200,7 +205,58 @@ class WorkerService:
                          prompts=self._to_device(prompts, self.dtype), first=start - self.start,
                          last=end - self.start)
 
-    def _step(self, session: Session, msg: Step) -> torch.Tensor:
+    def _batch_key(self, session: Session, msg: Step) -> tuple | None:
+        """Steps of one key may run as one pass (worker/batching.py); None: this step runs alone."""
+        if msg.hidden.dim() != 3 or msg.hidden.shape[1] != 1 or msg.prompts is not None \
+                or session.start != self.start or not joinable(session.cache):
+            return None
+        return session.end, session.adapter
+
+    def _steps(self, items: list[tuple[Session, Step]]) -> list[tuple[torch.Tensor | None, Exception | None]]:
+        """Steps taken off the queue together: each is checked on its own, those that pass run as one pass (one by
+        one if that pass fails, so no session is left half-stepped)."""
+        outcomes: list[tuple[torch.Tensor | None, Exception | None] | None] = [None] * len(items)
+        rows: dict[int, Row] = {}
+        for i, (session, msg) in enumerate(items):
+            try:
+                rows[i] = Row(session, msg.hidden, self._admit(session, msg), msg.position_ids)
+            except Exception as e:
+                outcomes[i] = (None, e)
+        index = {id(row): i for i, row in rows.items()}
+        for together in groups(list(rows.values())) if len(rows) > 1 else []:
+            if len(together) < 2:
+                continue
+            try:
+                for row, out in zip(together, self._step_together(together)):
+                    outcomes[index[id(row)]] = (out, None)
+            except Exception as e:
+                log.warning("a batched decode pass failed (%s: %s); stepping its sessions one by one",
+                            type(e).__name__, e)
+        for i, row in rows.items():
+            if outcomes[i] is None:
+                try:
+                    outcomes[i] = (self._compute_step(row.session, items[i][1], row.mask), None)
+                except Exception as e:
+                    outcomes[i] = (None, e)
+        return outcomes
+
+    def _step_together(self, rows: list[Row]) -> list[torch.Tensor]:
+        first = rows[0].session
+
+        def run(hidden, mask, position_ids, cache):
+            return self._run(hidden, mask, position_ids, cache, None, first.start, first.end, first.adapter)
+
+        with torch.inference_mode():
+            outs = step_together(rows, self.span.new_cache(), run)
+        for row in rows:
+            row.session.mask = row.mask
+            row.session.position += 1
+        self.batched_steps += len(rows)
+        self.decode_batches += 1
+        return outs
+
+    def _admit(self, session: Session, msg: Step) -> torch.Tensor | None:
+        """Check a step and roll the session back to its position; the session's mask once the step is in."""
         hidden = msg.hidden
         self._check_hidden(hidden, session.batch_size)
         b, t = hidden.shape[:2]
@@ -217,9 +273,13 @@ class WorkerService:
             session.position = msg.position
             if session.mask is not None:
                 session.mask = session.mask[:, :msg.position]
+        return _extend_mask(session.mask, msg.attention_mask, b, session.position, t)
+
+    def _compute_step(self, session: Session, msg: Step, mask: torch.Tensor | None) -> torch.Tensor:
+        hidden = msg.hidden
+        b, t = hidden.shape[:2]
         if t == 0:
             return hidden.new_zeros((b, 0, self.hidden_size))
-        mask = _extend_mask(session.mask, msg.attention_mask, b, session.position, t)
         with torch.inference_mode():
             out = (self.graphs.step(session.cache, session.position, hidden, msg.position_ids)
                    if self.graphs and mask is None and msg.prompts is None else None)
