@@ -140,10 +140,12 @@ def test_explicit_codecs_are_kept_without_measuring(name):
 
 
 @pytest.mark.slow
-def test_auto_on_loopback_picks_raw_and_matches_local(smollm_folder, smollm_swarm, smollm_local, smollm_tokenizer):
+@pytest.mark.parametrize("push", [False, True], ids=["relayed", "pushed"])
+def test_auto_on_loopback_picks_raw_and_matches_local(smollm_folder, smollm_swarm, smollm_local, smollm_tokenizer,
+                                                      push):
     ids = smollm_tokenizer("A cat sat on the mat. Then the cat", return_tensors="pt").input_ids
     model = AutoDistributedModelForCausalLM.from_pretrained(smollm_folder, initial_peers=smollm_swarm.endpoints,
-                                                            routing="static", codec="auto")
+                                                            routing="static", codec="auto", use_server_to_server=push)
     got = model.generate(ids, max_new_tokens=16, do_sample=False)
     assert torch.equal(got, smollm_local.generate(ids, max_new_tokens=16, do_sample=False))
     links = model.remote_layers.router.links.links
