@@ -3,10 +3,11 @@
     python perf/bench_batching.py [--sessions 1 4 8 16] [--new-tokens 32] [--threads 1] [--json PATH]
 
 SmolLM2-135M on 2 worker processes on loopback (blocks 0:15 and 15:30), started
-twice: with the default max_decode_batch (steps of different sessions queued
-together run as one pass) and with max_decode_batch 1 (each step alone). For each
-N, N threads of one client process each run transformers' generate() in its own
-inference session, greedy, from prompts of different lengths. Decode tokens/s
+twice side by side: with the default max_decode_batch (steps of different
+sessions queued together run as one pass) and with max_decode_batch 1 (each step
+alone); each N runs on both back to back. For each N, N threads of one client
+process each run transformers' generate() in its own inference session, greedy,
+from prompts of different lengths. Decode tokens/s
 count the tokens after each session's first (prefill excluded): aggregate over
 the window from the first session's first token to the last token of any, and
 per session over its own decode. "batched" is the share of the workers' steps
@@ -22,6 +23,7 @@ import platform
 import tempfile
 import threading
 import time
+from contextlib import ExitStack
 from datetime import date
 from pathlib import Path
 
@@ -110,27 +112,29 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     prompts = [torch.randint(0, vocab, (1, 8 + 4 * (i % 8)), generator=generator) for i in range(max(args.sessions))]
     results: dict[str, dict[int, dict]] = {}
-    with tempfile.TemporaryDirectory() as config_dir:
+    with tempfile.TemporaryDirectory() as config_dir, ExitStack() as stack:
         off = Path(config_dir) / "off.yaml"
         off.write_text("max_decode_batch: 1\n")
+        models, endpoints = {}, {}
         for mode, extra in (("on", []), ("off", ["--config", str(off)])):
             worker_args = [["--model", folder, "--blocks", span, "--threads", str(args.threads), "--no-mdns", *extra]
                            for span in ("0:15", "15:30")]
             log.info("batching %s: starting 2 workers", mode)
-            with LocalSwarm(worker_args) as swarm:
-                model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=swarm.endpoints)
-                with torch.inference_mode():
-                    model.generate(prompts[0], max_new_tokens=2, do_sample=False)  # warm-up: connections, routing
-                    results[mode] = {}
-                    for n in args.sessions:
-                        before = worker_counts(swarm.endpoints)
-                        figures = run_sessions(model, prompts[:n], args.new_tokens)
-                        steps = 2 * n * (args.new_tokens - 1)  # decode steps, on each of the 2 workers
-                        figures["batched"] = batched_share(swarm.endpoints, before, steps)
-                        results[mode][n] = figures
-                        log.info("batching %s, %2d sessions: %7.1f tok/s aggregate, %5.1f steps/s per session, "
-                                 "%3.0f%% of steps batched", mode, n, figures["aggregate_tok_s"],
-                                 figures["session_steps_s"], 100 * figures["batched"])
+            endpoints[mode] = stack.enter_context(LocalSwarm(worker_args)).endpoints
+            models[mode] = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=endpoints[mode])
+        with torch.inference_mode():
+            for model in models.values():
+                model.generate(prompts[0], max_new_tokens=2, do_sample=False)  # warm-up: connections, routing
+            for n in args.sessions:
+                for mode in ("off", "on"):  # back to back, so both see the same machine
+                    before = worker_counts(endpoints[mode])
+                    figures = run_sessions(models[mode], prompts[:n], args.new_tokens)
+                    steps = 2 * n * (args.new_tokens - 1)  # decode steps, on each of the 2 workers
+                    figures["batched"] = batched_share(endpoints[mode], before, steps)
+                    results.setdefault(mode, {})[n] = figures
+                    log.info("batching %-3s %2d sessions: %7.1f tok/s aggregate, %5.1f steps/s per session, "
+                             "%3.0f%% of steps batched", mode, n, figures["aggregate_tok_s"],
+                             figures["session_steps_s"], 100 * figures["batched"])
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s) each"
     print(f"\nSmolLM2-135M on 2 workers on loopback, {args.new_tokens} new tokens per session, greedy; {machine}; "
