@@ -54,10 +54,14 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--random-weights", action="store_const", const=True,
                         help="benchmarks only: random blocks shaped by the folder's config.json, no checkpoint read")
     worker.add_argument("--seed", type=int, help="seed of --random-weights")
+    worker.add_argument("--max-decode-batch", type=int,
+                        help="most sessions whose single-token steps run as one pass (1: no batching)")
     worker.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
                         help="CUDA: run single-token steps eagerly instead of replaying CUDA graphs")
     worker.add_argument("--compile-decode", action="store_const", const=True,
                         help="CUDA: compile the decode step before capturing it (fewer, fused kernels)")
+    worker.add_argument("--no-compile-decode", dest="compile_decode", action="store_const", const=False,
+                        help="CUDA: capture the eager decode step without compiling it")
     worker.set_defaults(run=_worker)
 
     keygen = commands.add_parser("keygen", help="create a private swarm's secret key file")
@@ -131,7 +135,8 @@ def _worker(args) -> None:
                                                 "idle_timeout", "threads", "initial_peers", "mdns",
                                                 "interfaces", "public_host", "gossip_interval", "discovery_wait",
                                                 "rebalance_interval", "throughput", "metrics_port", "quantization",
-                                                "random_weights", "seed", "cuda_graphs", "compile_decode", "swarm_key")}
+                                                "random_weights", "seed", "cuda_graphs", "compile_decode", "swarm_key",
+                                                "max_decode_batch")}
     if args.adapter:
         pairs = [a.split("=", 1) for a in args.adapter]
         if any(len(p) != 2 or not all(p) for p in pairs):

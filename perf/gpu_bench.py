@@ -5,14 +5,19 @@
 For each model shape (random-normal weights, std 0.02: no checkpoint is read)
 and weight format: (a) plain transformers in this process (eager generate(),
 batch 1, a 128-token prompt, 64 new tokens) and (b) two worker processes on the
-same GPU serving half the blocks each (CUDA-graph decode; --compile-decode compiles it) plus the Corolla
-client on the GPU: single-batch decode steps/s and forward tokens/s (batch 1
-and 64, 128 tokens). Decode steps/s are also given as a share of the memory-
-bandwidth floor: measured copy bandwidth / bytes of weights one decode step
-reads. It also checks the CUDA-graph decode path against the eager one:
+same GPU serving half the blocks each plus the Corolla client on the GPU, once
+per worker decode path (--paths: "graph" replays CUDA graphs of the eager step,
+"compiled" of the compiled step). Per path: single-batch decode steps/s with
+hops relayed by the client and pushed worker to worker, each worker's time per
+step (from its metrics: the rest is client and bus), greedy tokens equal to
+transformers', and drift teacher-forced on transformers' tokens (top-1
+agreement, logits error); forward tokens/s (batch 1 and 64, 128 tokens) on the
+first path. Decode steps/s are also given as a share of the memory-bandwidth
+floor: measured copy bandwidth / bytes of weights one decode step reads. It
+also checks the CUDA-graph decode path against the eager one in process:
 greedy tokens identical in float32, hidden states close in bf16 (the run fails
-otherwise). Prints a table last and writes JSON ($OUT/gpu_bench.json when OUT is
-set) and the workers' logs beside it.
+otherwise). Prints a table last and writes JSON ($OUT/gpu_bench.json when OUT
+is set) and the workers' logs beside it.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ import json
 import logging
 import os
 import platform
+import re
+import socket
 import statistics
 import tempfile
 import time
@@ -49,6 +56,7 @@ SHAPES = {  # LlamaConfig keywords
                  intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096),
 }
 DEFAULT_RUNS = "llama3-8b:none,llama2-70b:nf4"
+DECODE_PATHS = ("graph", "compiled")
 QUICK_RUNS = "tiny:none,tiny:nf4"
 SLOW_BASELINE_STEPS_S = 20  # below this, one timed repeat of the baseline is enough (and saves minutes)
 FP32_CHECK_TOKENS = 32
@@ -225,73 +233,159 @@ def checked(check, *args) -> dict:
         return {"passed": False, "error": f"{type(e).__name__}: {e}"}
 
 
-def run_model(shape: str, quantization: str, bandwidth: float, quick: bool, logs: Path, compile_decode: bool = False) -> dict:
-    from transformers import LlamaForCausalLM
+class ForcedTokens:
+    """A logits processor that teacher-forces a reference generation: it keeps each step's raw logits, then leaves
+    only the reference token. The swarm then decodes through its real path (graphs, compiled or not) on exactly
+    the reference's inputs, so its logits can be compared step by step even where a free-running greedy decode of
+    near-uniform random-weight logits would branch off after one tie-break."""
 
+    def __init__(self, tokens: torch.Tensor):
+        self.tokens, self.logits = tokens, []
+
+    def __call__(self, input_ids, scores):
+        self.logits.append(scores[0].float().cpu())
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, int(self.tokens[len(self.logits) - 1])] = 0
+        return forced
+
+
+def local_logits(model, prompt, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+    out = model.generate(prompt, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, output_logits=True,
+                         return_dict_in_generate=True)
+    return out.sequences[0, prompt.shape[1]:].cpu(), torch.stack([l[0].float().cpu() for l in out.logits])
+
+
+def drift(model, prompt, tokens: torch.Tensor, reference: torch.Tensor) -> dict:
+    """The swarm's logits teacher-forced on transformers' greedy tokens: how often its top-1 is the same token,
+    and the largest relative error of a step's logits."""
+    from transformers import LogitsProcessorList
+    forced = ForcedTokens(tokens)
+    model.generate(prompt, max_new_tokens=len(tokens), do_sample=False, pad_token_id=0,
+                   logits_processor=LogitsProcessorList([forced]))
+    ours = torch.stack(forced.logits)
+    errors = (ours - reference).norm(dim=-1) / reference.norm(dim=-1)
+    return {"top1_agree": int((ours.argmax(-1) == tokens).sum()), "steps": len(tokens),
+            "max_rel_err": float(errors.max()), "median_rel_err": float(errors.median())}
+
+
+def step_seconds(ports: list[int]) -> list[tuple[float, int]]:
+    """Each worker's total seconds and count of answered steps, from its Prometheus metrics."""
+    import urllib.request
+    totals = []
+    for port in ports:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        seconds = re.search(r'corolla_worker_request_seconds_sum\{kind="step"\} (\S+)', text)
+        count = re.search(r'corolla_worker_request_seconds_count\{kind="step"\} (\S+)', text)
+        totals.append((float(seconds[1]) if seconds else 0.0, int(float(count[1])) if count else 0))
+    return totals
+
+
+def worker_step_ms(model, prompt, new_tokens: int, ports: list[int]) -> list[float]:
+    """Each worker's mean time per decode step from receipt to reply (a generate of N+1 tokens minus one of 1),
+    so that what the client and the bus add per token is the rest of the step time."""
+    before = step_seconds(ports)
+    timed_generate(model, prompt, new_tokens + 1)
+    middle = step_seconds(ports)
+    timed_generate(model, prompt, 1)
+    after = step_seconds(ports)
+    return [1e3 * ((m[0] - b[0]) - (a[0] - m[0])) / new_tokens for b, m, a in zip(before, middle, after)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def swarm_path(path: str, config, folder: str, quantization: str, prompt, new_tokens: int, reference,
+               logs: Path, forward: bool) -> dict:
+    """One decode path of the workers ("graph": CUDA graphs of the eager step; "compiled": of the compiled step):
+    decode relayed by the client and pushed worker to worker, drift, per-worker step time, and (once) forward."""
     from corolla.client.config import ClientConfig
     from corolla.client.families import DistributedLlamaForCausalLM
     from corolla.worker.launcher import LocalSwarm
+
+    half = config.num_hidden_layers // 2
+    ports = [free_port(), free_port()]
+    common = ["--model", folder, "--dtype", "bfloat16", "--device", DEVICE, "--random-weights", "--seed",
+              str(SEED), "--quantization", quantization, "--no-mdns", "--throughput", "1",
+              "--compile-decode" if path == "compiled" else "--no-compile-decode"]
+    spans = [f"0:{half}", f"{half}:{config.num_hidden_layers}"]
+    name = f"{config.num_hidden_layers}x{config.hidden_size}_{quantization}_{path}"
+    log.info("%s: starting 2 workers", name)
+    result: dict = {}
+    with LocalSwarm([[*common, "--blocks", span, "--metrics-port", str(port)] for span, port in zip(spans, ports)],
+                    timeout=WORKER_READY_TIMEOUT, env={"TORCH_LOGS": "recompiles"}) as swarm:
+        try:
+            client = random_causal_lm(DistributedLlamaForCausalLM, config, DTYPE, "none")
+            for mode, push in (("relay", False), ("push", True)):
+                client.attach_swarm(ClientConfig(initial_peers=swarm.endpoints, wire_dtype=None,
+                                                 use_server_to_server=push), Path(folder).name)
+                with torch.inference_mode():
+                    log.info("%s: decode, %s", name, mode)
+                    steps_s, tokens = decode(client, prompt, new_tokens, 3)
+                    result[f"decode_{mode}_steps_s"] = steps_s
+                    result[f"tokens_equal_local_{mode}"] = int((tokens == reference[0]).long().cumprod(0).sum())
+                    result[f"worker_step_ms_{mode}"] = worker_step_ms(client, prompt, new_tokens, ports)
+            with torch.inference_mode():
+                log.info("%s: drift, teacher-forced", name)
+                result["drift"] = drift(client, prompt, *reference)
+                if forward:
+                    for b in FORWARD_BATCHES:
+                        log.info("%s: forward batch %d", name, b)
+                        result[f"forward_b{b}_tok_s"] = forward_tokens_per_s(client, b, config.vocab_size, 2)
+        finally:
+            for i, w in enumerate(swarm.workers):
+                (logs / f"worker{i}_{name}.log").write_text("".join(w.output))
+        result["worker_notes"] = [line.strip() for w in swarm.workers for line in w.output
+                                  if "compiled in" in line or "WARNING" in line and "RANDOM WEIGHTS" not in line]
+    result["decode_steps_s"] = max(result["decode_relay_steps_s"], result["decode_push_steps_s"])
+    del client
+    gc.collect()
+    torch.cuda.empty_cache()
+    return result
+
+
+def run_model(shape: str, quantization: str, bandwidth: float, quick: bool, logs: Path, paths: list[str]) -> dict:
+    from transformers import LlamaForCausalLM
 
     config = llama_config(shape)
     new_tokens = 8 if quick else NEW_TOKENS
     prompt = torch.randint(0, config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(DEVICE)
-    result: dict = {"shape": shape, "quantization": quantization, "dtype": str(DTYPE)}
+    result: dict = {"shape": shape, "quantization": quantization, "dtype": str(DTYPE), "new_tokens": new_tokens}
     log.info("%s %s: building the one-process model", shape, quantization)
     local = random_causal_lm(LlamaForCausalLM, config, DTYPE, quantization)
     result["decode_bytes"] = decode_bytes(local)
     result["floor_steps_s"] = bandwidth / result["decode_bytes"]
     with torch.inference_mode():
         log.info("%s %s: transformers decode", shape, quantization)
-        steps_s, local_tokens = decode(local, prompt, new_tokens, 1)
+        steps_s, _ = decode(local, prompt, new_tokens, 1)
         if steps_s > SLOW_BASELINE_STEPS_S:
             steps_s = max(steps_s, decode(local, prompt, new_tokens, 2)[0])
         result["local"] = {"decode_steps_s": steps_s}
+        reference = local_logits(local, prompt, new_tokens + 1)
         for b in FORWARD_BATCHES:
             result["local"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(local, b, config.vocab_size, 2)
     if quantization == "none":
         log.info("%s: CUDA-graph vs eager decode, in process", shape)
         # The capture of the eager step here (the workers compile theirs, as the float32 check does): a compile of
         # all the blocks would cost the run minutes.
-        check = checked(graph_check, local, torch.cat([prompt[0].cpu(), local_tokens]), False)
+        check = checked(graph_check, local, torch.cat([prompt[0].cpu(), reference[0]]), False)
         check.setdefault("passed", check["max_rel_err"] < BF16_REL_TOLERANCE)
         result["graph_check_bf16"] = check
     del local
     gc.collect()
     torch.cuda.empty_cache()
-
     with tempfile.TemporaryDirectory() as folder:
         config.save_pretrained(folder)
-        half = config.num_hidden_layers // 2
-        common = ["--model", folder, "--dtype", "bfloat16", "--device", DEVICE, "--random-weights", "--seed",
-                  str(SEED), "--quantization", quantization, "--no-mdns", "--throughput", "1",
-                  *(["--compile-decode"] if compile_decode else [])]
-        log.info("%s %s: starting 2 workers", shape, quantization)
-        with LocalSwarm([[*common, "--blocks", f"0:{half}"], [*common, "--blocks", f"{half}:{config.num_hidden_layers}"]],
-                        timeout=WORKER_READY_TIMEOUT, env={"TORCH_LOGS": "recompiles"}) as swarm:
-            try:
-                client = random_causal_lm(DistributedLlamaForCausalLM, config, DTYPE, "none")
-                client.attach_swarm(ClientConfig(initial_peers=swarm.endpoints, wire_dtype=None), Path(folder).name)
-                with torch.inference_mode():
-                    log.info("%s %s: swarm decode", shape, quantization)
-                    steps_s, swarm_tokens = decode(client, prompt, new_tokens, 3)
-                    result["swarm"] = {"decode_steps_s": steps_s}
-                    for b in FORWARD_BATCHES:
-                        result["swarm"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(client, b, config.vocab_size, 2)
-            finally:
-                for i, w in enumerate(swarm.workers):
-                    (logs / f"worker{i}_{shape}_{quantization}.log").write_text("".join(w.output))
-            notes = [line.strip() for w in swarm.workers for line in w.output
-                     if "compiled in" in line or "WARNING" in line and "RANDOM WEIGHTS" not in line]
-        result["worker_notes"] = notes
-    same = (swarm_tokens == local_tokens).long()
-    result["swarm_tokens_equal_local"] = int(same.cumprod(0).sum())  # leading tokens identical
-    result["new_tokens"] = new_tokens
+        result["paths"] = {path: swarm_path(path, config, folder, quantization, prompt, new_tokens, reference, logs,
+                                            forward=k == 0) for k, path in enumerate(paths)}
+    best = max(result["paths"].values(), key=lambda r: r["decode_steps_s"])
+    result["swarm"] = {"decode_steps_s": best["decode_steps_s"],
+                       **{k: v for k, v in result["paths"][paths[0]].items() if k.startswith("forward_")}}
     for side in ("local", "swarm"):
         result[side]["floor_share"] = result[side]["decode_steps_s"] / result["floor_steps_s"]
-    del client
-    gc.collect()
-    torch.cuda.empty_cache()
     return result
 
 
@@ -300,7 +394,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a small model and few tokens: check every path fast")
     parser.add_argument("--runs", help=f"shape:quantization,... (default {DEFAULT_RUNS}; --quick: {QUICK_RUNS})")
     parser.add_argument("--json", help="where to write the figures (default $OUT/gpu_bench.json or perf/out/)")
-    parser.add_argument("--compile-decode", action="store_true", help="workers compile their graphed decode step")
+    parser.add_argument("--paths", default=",".join(DECODE_PATHS),
+                        help="workers' decode paths to measure: graph (CUDA graphs of the eager step), compiled")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not torch.cuda.is_available():
@@ -319,7 +414,7 @@ def main() -> None:
     for shape, quantization in runs:
         try:
             report["runs"].append(run_model(shape, quantization, report["copy_bandwidth_gb_s"] * 1e9, args.quick,
-                                            out.parent, args.compile_decode))
+                                            out.parent, args.paths.split(",")))
         except Exception as e:  # the other runs' figures still count
             log.exception("%s %s failed", shape, quantization)
             report["runs"].append({"shape": shape, "quantization": quantization, "error": f"{type(e).__name__}: {e}"})
@@ -339,25 +434,31 @@ def main() -> None:
             print(f"\n{name}: FAILED {r['error']}")
             continue
         print(f"\n{name}: {r['decode_bytes'] / 1e9:.1f} GB of weights read per decode step, floor "
-              f"{r['floor_steps_s']:.0f} steps/s; swarm's greedy tokens = transformers' for the first "
-              f"{r['swarm_tokens_equal_local']} of {r['new_tokens'] + 1}")
+              f"{r['floor_steps_s']:.0f} steps/s; transformers eager generate() {r['local']['decode_steps_s']:.1f} "
+              f"steps/s ({r['local']['floor_share']:.0%} of the floor)")
         g = r.get("graph_check_bf16", {})
         if "error" in g:
             print(f"  in-process CUDA-graph check FAILED: {g['error']}")
         elif g:
             print(f"  in process, all blocks: eager step {g['eager_step_ms']:.2f} ms, CUDA-graph step "
-                  f"{g['graph_step_ms']:.2f} ms (first, with its capture: {g['graph_first_step_ms']:.0f} ms); bf16 max relative error {g['max_rel_err']:.1e}; greedy tokens "
-                  f"{g['greedy_agree']}/{g['steps']} = eager path's, {g['greedy_match_generate']}/{g['steps']} = "
-                  f"generate()'s")
-        print(f"  {'metric':30} {'transformers':>12} {'swarm':>10}")
-        for key, label in (("decode_steps_s", "decode steps/s"), ("floor_share", "  share of the floor"),
-                           ("forward_b1_tok_s", "forward tokens/s, 1 x 128"),
-                           ("forward_b64_tok_s", "forward tokens/s, 64 x 128")):
-            a, b = r["local"][key], r["swarm"][key]
-            fmt = "{:>12.0%} {:>10.0%}" if key == "floor_share" else "{:>12.1f} {:>10.1f}"
-            print(f"  {label:30} " + fmt.format(a, b))
-        for note in r["worker_notes"]:
-            print(f"  worker: {note}")
+                  f"{g['graph_step_ms']:.2f} ms (first, with its capture: {g['graph_first_step_ms']:.0f} ms); bf16 "
+                  f"max relative error {g['max_rel_err']:.1e}; greedy tokens {g['greedy_agree']}/{g['steps']} = eager "
+                  f"path's, {g['greedy_match_generate']}/{g['steps']} = generate()'s")
+        print(f"  {'swarm decode path':18} {'relay':>7} {'push':>7} {'% floor':>8} {'worker ms/step':>15} "
+              f"{'= greedy':>9} {'forced top-1':>13} {'logits rel err':>15}")
+        for path, p in r["paths"].items():
+            d = p["drift"]
+            workers = "+".join(f"{ms:.1f}" for ms in p["worker_step_ms_relay"])
+            print(f"  {path:18} {p['decode_relay_steps_s']:7.1f} {p['decode_push_steps_s']:7.1f} "
+                  f"{p['decode_steps_s'] / r['floor_steps_s']:8.0%} {workers:>15} "
+                  f"{p['tokens_equal_local_relay']:>4}/{r['new_tokens'] + 1:<4} {d['top1_agree']:>6}/{d['steps']:<6} "
+                  f"{d['max_rel_err']:15.1e}")
+            for note in p["worker_notes"]:
+                print(f"    worker: {note}")
+        print(f"  {'forward tokens/s':30} {'transformers':>12} {'swarm':>10}")
+        for b in FORWARD_BATCHES:
+            key = f"forward_b{b}_tok_s"
+            print(f"  {f'{b} x {FORWARD_TOKENS}':30} {r['local'][key]:12.1f} {r['swarm'][key]:10.1f}")
     print(f"\nfigures written to {out}")
     failed = [c for c in [report["graph_check_fp32"], *(r.get("graph_check_bf16") for r in report["runs"])]
               if c is not None and not c["passed"]] + [r for r in report["runs"] if "error" in r]
