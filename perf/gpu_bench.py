@@ -22,6 +22,7 @@ is set) and the workers' logs beside it.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import logging
@@ -255,6 +256,23 @@ def local_logits(model, prompt, new_tokens: int) -> tuple[torch.Tensor, torch.Te
     return out.sequences[0, prompt.shape[1]:].cpu(), torch.stack([l[0].float().cpu() for l in out.logits])
 
 
+def logits_error(ours: torch.Tensor, tokens: torch.Tensor, reference: torch.Tensor) -> dict:
+    errors = (ours - reference).norm(dim=-1) / reference.norm(dim=-1)
+    return {"top1_agree": int((ours.argmax(-1) == tokens).sum()), "steps": len(tokens),
+            "max_rel_err": float(errors.max()), "median_rel_err": float(errors.median())}
+
+
+def float32_drift(model, prompt, tokens: torch.Tensor, reference: torch.Tensor) -> dict:
+    """What bf16 itself costs: the same (bf16-rounded) weights computed in float32, teacher-forced on the bf16
+    model's greedy tokens, against its per-step logits; the yardstick for the swarm's drift."""
+    wide = copy.deepcopy(model).float()
+    ids = torch.cat([prompt[0], tokens[:-1].to(prompt.device)])[None]
+    logits = wide(ids).logits[0, prompt.shape[1] - 1:].float().cpu()
+    del wide
+    torch.cuda.empty_cache()
+    return logits_error(reference, logits.argmax(-1), logits)
+
+
 def drift(model, prompt, tokens: torch.Tensor, reference: torch.Tensor) -> dict:
     """The swarm's logits teacher-forced on transformers' greedy tokens: how often its top-1 is the same token,
     and the largest relative error of a step's logits."""
@@ -262,10 +280,7 @@ def drift(model, prompt, tokens: torch.Tensor, reference: torch.Tensor) -> dict:
     forced = ForcedTokens(tokens)
     model.generate(prompt, max_new_tokens=len(tokens), do_sample=False, pad_token_id=0,
                    logits_processor=LogitsProcessorList([forced]))
-    ours = torch.stack(forced.logits)
-    errors = (ours - reference).norm(dim=-1) / reference.norm(dim=-1)
-    return {"top1_agree": int((ours.argmax(-1) == tokens).sum()), "steps": len(tokens),
-            "max_rel_err": float(errors.max()), "median_rel_err": float(errors.median())}
+    return logits_error(torch.stack(forced.logits), tokens, reference)
 
 
 def step_seconds(ports: list[int]) -> list[tuple[float, int]]:
@@ -365,6 +380,9 @@ def run_model(shape: str, quantization: str, bandwidth: float, quick: bool, logs
             steps_s = max(steps_s, decode(local, prompt, new_tokens, 2)[0])
         result["local"] = {"decode_steps_s": steps_s}
         reference = local_logits(local, prompt, new_tokens + 1)
+        if quantization == "none":
+            log.info("%s: bf16 vs float32 drift", shape)
+            result["float32_drift"] = checked(float32_drift, local, prompt, *reference)
         for b in FORWARD_BATCHES:
             result["local"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(local, b, config.vocab_size, 2)
     if quantization == "none":
@@ -444,6 +462,12 @@ def main() -> None:
                   f"{g['graph_step_ms']:.2f} ms (first, with its capture: {g['graph_first_step_ms']:.0f} ms); bf16 "
                   f"max relative error {g['max_rel_err']:.1e}; greedy tokens {g['greedy_agree']}/{g['steps']} = eager "
                   f"path's, {g['greedy_match_generate']}/{g['steps']} = generate()'s")
+        f32 = r.get("float32_drift")
+        if f32 and "error" in f32:
+            print(f"  bf16 vs float32 drift FAILED: {f32['error']}")
+        elif f32:
+            print(f"  bf16 itself: transformers bf16 vs the same weights in float32, teacher-forced: top-1 "
+                  f"{f32['top1_agree']}/{f32['steps']}, logits max relative error {f32['max_rel_err']:.1e}")
         print(f"  {'swarm decode path':18} {'relay':>7} {'push':>7} {'% floor':>8} {'worker ms/step':>15} "
               f"{'= greedy':>9} {'forced top-1':>13} {'logits rel err':>15}")
         for path, p in r["paths"].items():
