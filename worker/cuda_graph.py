@@ -6,9 +6,10 @@ than by reading the weights. A session that qualifies (CUDA, batch 1, the whole
 span, no adapter) gets a static KV cache when it opens: prefill and any other
 step still run eagerly into it, and its single-token steps replay a graph
 captured at its first such step, reading and appending to that cache in place.
-Optionally the step is compiled first (inductor fuses the norms, rotary and
-activations), then captured all the same; compilation happens at start-up, so
-no request waits for it. Whatever fails to compile or capture falls back to the
+For unquantized weights the step is compiled first (inductor fuses the norms,
+rotary and activations, rounding each bf16 intermediate as eager does, so the
+tokens stay those of eager transformers), then captured all the same;
+compilation happens at start-up, so no request waits for it. Whatever fails to compile or capture falls back to the
 eager path, which computes the same function.
 """
 from __future__ import annotations
