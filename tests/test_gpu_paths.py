@@ -51,6 +51,14 @@ def test_quantization_needs_a_cuda_device(quantization):
     WorkerConfig.load(model="/models/x", quantization=quantization, device="cuda:0")  # valid where CUDA is
 
 
+@pytest.mark.parametrize("quantization, setting, compiles", [("none", None, True), ("nf4", None, False),
+                                                             ("int8", None, False), ("none", False, False),
+                                                             ("nf4", True, True)])
+def test_decode_step_compiles_by_default_only_where_shown_token_identical(quantization, setting, compiles):
+    config = WorkerConfig.load(model="/models/x", quantization=quantization, device="cuda:0", compile_decode=setting)
+    assert config.compiles_decode is compiles
+
+
 def test_unknown_quantization_is_refused():
     with pytest.raises(ConfigError, match="quantization must be one of"):
         WorkerConfig.load(model="/models/x", quantization="fp8")
