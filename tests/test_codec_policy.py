@@ -166,8 +166,8 @@ MEASURE_IN_CLIENT = textwrap.dedent("""
     async def measure():
         meter = LinkMeter(ConnectionPool(bus.context))
         link = await meter.get(endpoint)
-        forward = await meter.codec(ClientConfig(), torch.zeros(4, 128, 576), endpoint)  # a 512-token micro-batch
-        step = await meter.codec(ClientConfig(), torch.zeros(1, 1, 576), endpoint)
+        forward = await meter.codec(ClientConfig(codec="auto"), torch.zeros(4, 128, 576), endpoint)  # a 512-token micro-batch
+        step = await meter.codec(ClientConfig(codec="auto"), torch.zeros(1, 1, 576), endpoint)
         return {"rtt_s": link.rtt_s, "bandwidth": link.bandwidth, "forward": forward.name, "step": step.name}
     print(json.dumps(bus.run(measure(), timeout=60)))
 """)
