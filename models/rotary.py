@@ -50,11 +50,13 @@ class RotarySpan(nn.Module):
                 prompts: torch.Tensor | None = None, first: int = 0, last: int | None = None) -> torch.Tensor:
         """Run blocks [first, last) of the span (local indices); `prompts[i]` is added to the prefix before block i."""
         last = len(self.layers) if last is None else last
+        # A session on the tail of the span never fills the cache of its first blocks: its past length is that
+        # of block `first`, the first one it runs.
         if position_ids is None:
-            past = cache.get_seq_length() if cache is not None else 0
+            past = cache.get_seq_length(first) if cache is not None else 0
             position_ids = torch.arange(past, past + hidden.shape[1], device=hidden.device).unsqueeze(0)
         mask = self._mask_fn(config=self.span_config, inputs_embeds=hidden, attention_mask=attention_mask,
-                             past_key_values=cache, position_ids=position_ids)
+                             past_key_values=cache, position_ids=position_ids, layer_idx=first)
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for i in range(first, last):
             if prompts is not None:

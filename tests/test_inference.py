@@ -190,3 +190,22 @@ def test_step_rolls_back_to_an_earlier_position(tiny_llama_folder):
         assert empty.hidden.shape == (1, 0, 64)
         whole = _request(endpoint, Step("r", tokens, 0)).hidden
         assert (whole[:, 3:5] - first).abs().max() < 1e-5
+
+
+def test_session_on_later_blocks_of_a_span_matches_a_worker_of_just_those_blocks(tiny_llama_folder):
+    """A chain may use the tail of a worker's span: its cache never fills the span's first blocks, so masks and
+    positions must come from the first block the session runs. Multi-token steps after the first, with and
+    without padding, give what a worker serving exactly those blocks gives."""
+    with LocalSwarm(worker_args(tiny_llama_folder, ["0:4", "2:4"])) as swarm:
+        whole, tail = swarm.endpoints
+        tokens = torch.randn(1, 9, 64)
+        mask = torch.tensor([[0, 1, 1, 1, 1, 1, 1, 1, 1]])
+        for name, step_mask in (("plain", None), ("padded", mask)):
+            outs = []
+            for endpoint in (whole, tail):
+                _request(endpoint, OpenSession(name, 2, 4, 1, 16))
+                parts = [(0, 4), (4, 7), (7, 9)]
+                outs.append(torch.cat([_request(endpoint, Step(
+                    name, tokens[:, a:b], a, None if step_mask is None else step_mask[:, a:b],
+                    torch.arange(a, b)[None])).hidden for a, b in parts], dim=1))
+            assert (outs[0] - outs[1]).abs().max() < 1e-5, name
