@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 
-from corolla.bus.messages import Probe, ProbeEcho
 from corolla.bus.security import Security
 from corolla.bus.server import Server
 from corolla.models.registry import family_for
@@ -58,7 +57,6 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     security = Security.from_file(config.swarm_key)
     service = WorkerService(span, config, model_id, model_config.num_hidden_layers, start, end,
                             model_config.hidden_size, adapters, security)
-    service.add_handler(Probe, _echo_probe)
     metrics = WorkerMetrics(service) if config.metrics_port else None
     server = Server(service.handle, f"tcp://{config.host}:{config.port}", max_bytes=config.max_message_bytes,
                     security=security, observer=metrics.observe if metrics else None)
@@ -82,11 +80,6 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     service.close()
     if metrics_http is not None:
         metrics_http.shutdown()
-
-
-async def _echo_probe(msg: Probe) -> ProbeEcho:
-    """Clients time this echo to choose how activations travel to this worker (compression/policy.py)."""
-    return ProbeEcho(msg.data)
 
 
 async def _expire_sessions(service: WorkerService) -> None:

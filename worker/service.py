@@ -18,7 +18,7 @@ from corolla.bus import wire
 from corolla.bus.errors import ErrorCode
 from corolla.bus.client import ConnectionPool
 from corolla.bus.messages import (Ack, Backward, CloseSession, Forward, GradsReply, HiddenReply, InfoRequest,
-                                  OpenSession, Ping, Pong, Push, Step, WorkerInfo)
+                                  OpenSession, Ping, Pong, Probe, ProbeEcho, Push, Step, WorkerInfo)
 from corolla.bus.security import Security
 from corolla.bus.server import RequestError
 from corolla.worker.adapters import AdapterSet
@@ -65,6 +65,8 @@ class WorkerService:
         msg = envelope.message
         if isinstance(msg, Ping):
             return Pong()
+        if isinstance(msg, Probe):  # clients time the echo to choose how activations travel here
+            return ProbeEcho(msg.data)
         if isinstance(msg, InfoRequest):
             return self.info()
         if isinstance(msg, Step):
