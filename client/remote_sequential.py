@@ -80,10 +80,8 @@ class RemoteSequential(nn.Module):
     async def _call(self, hop: Hop, message, retry: Retry):
         """One request to one hop; a failure bans the worker and raises for the caller to re-route."""
         try:
-            return await self.pool.get(hop.endpoint).request(message, self.client_config.request_timeout,
-                                                             await self.router.links.codec(self.client_config,
-                                                                                           message.hidden,
-                                                                                           hop.endpoint))
+            codec = await self.router.links.codec(self.client_config, message.hidden, hop.endpoint)
+            return await self.pool.get(hop.endpoint).request(message, self.client_config.request_timeout, codec)
         except Exception as e:
             if not worth_retrying(e):
                 raise
