@@ -210,3 +210,30 @@ def test_a_bad_step_fails_alone_and_leaves_its_session_intact(workers, smollm_lo
             assert torch.equal(s.ids, alone[prompt]), prompt
     client.close(["bad-blocker", *(s.session_id for s in sessions)])
     assert (after[0] - before[0], after[1] - before[1]) == (2, 1)
+
+
+@pytest.mark.slow
+def test_sessions_on_the_tail_of_the_span_are_batched_too(workers, smollm_local):
+    """Sessions of blocks 15:30 (a chain using the tail of these workers' spans) share passes, and their outputs
+    equal those of the worker that steps them one by one."""
+    hidden = smollm_local.config.hidden_size
+    lengths = [3, 9, 6]
+    prompts = [torch.randn(1, n, hidden) * 0.1 for n in lengths]
+    decode = [torch.randn(1, 2, hidden) * 0.1 for _ in lengths]
+    outputs, counted = {}, {}
+    for mode in ("on", "off"):
+        client = Client(workers[mode])
+        ids = [f"tail-{mode}-{i}" for i in range(len(lengths))]
+        client(*(OpenSession(s, 15, 30, 1, 32) for s in ids))
+        client(*(Step(s, p, 0) for s, p in zip(ids, prompts)))
+        before = client.counters()
+        outs = []
+        for k in range(2):
+            replies = client(client.blocker(smollm_local, f"tail-{mode}-blocker-{k}"),
+                             *(Step(s, d[:, k:k + 1], n + k) for s, d, n in zip(ids, decode, lengths)))
+            outs.append(torch.cat([r.hidden for r in replies[1:]]))
+        counted[mode] = tuple(a - b for a, b in zip(client.counters(), before))
+        outputs[mode] = torch.cat(outs, dim=1)
+        client.close([*ids, f"tail-{mode}-blocker-0", f"tail-{mode}-blocker-1"])
+    assert counted == {"on": (2 * len(lengths), 2), "off": (0, 0)}
+    assert (outputs["on"] - outputs["off"]).abs().max() / outputs["off"].abs().max() < 1e-5  # float32, padded

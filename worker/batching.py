@@ -8,10 +8,10 @@ DynamicCache, the padding masked out and every row given its own position; after
 the pass each session gets back its own cache, padding dropped, with the new
 token appended (a view of the pass's tensors until its next step). Rows are
 grouped so that padding never exceeds the real tokens of a pass: a long session
-beside many short ones must not multiply the cache memory. Only sessions whose
-cache layers are all plain DynamicLayers and whose blocks start at the span's
-first one join: sliding-window caches, and the static caches of CUDA-graph
-decode (worker/cuda_graph.py), keep their own path.
+beside many short ones must not multiply the cache memory. Only sessions of the
+same blocks whose cache layers are all plain DynamicLayers join: sliding-window
+caches, and the static caches of CUDA-graph decode (worker/cuda_graph.py), keep
+their own path.
 """
 from __future__ import annotations
 

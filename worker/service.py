@@ -210,9 +210,9 @@ class WorkerService:
     def _batch_key(self, session: Session, msg: Step) -> tuple | None:
         """Steps of one key may run as one pass (worker/batching.py); None: this step runs alone."""
         if msg.hidden.dim() != 3 or msg.hidden.shape[1] != 1 or msg.prompts is not None \
-                or session.start != self.start or not joinable(session.cache):
+                or not joinable(session.cache):
             return None
-        return session.end, session.adapter
+        return session.start, session.end, session.adapter
 
     def _steps(self, items: list[tuple[Session, Step]]) -> list[tuple[torch.Tensor | None, Exception | None]]:
         """Steps taken off the queue together: each is checked on its own, those that pass run as one pass (one by
