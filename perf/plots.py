@@ -54,6 +54,25 @@ def grouped_bars(ax, chains: dict, series: dict[str, list[float]], colors: dict,
     return xs
 
 
+def label_panel(ax, row: int, col: int, profile: str, link: dict | None, ylabel: str) -> None:
+    """Profiles title the top row, the metric labels the first column."""
+    if row == 0:
+        ax.set_title(link_title(profile, link), fontsize=9)
+    if col == 0:
+        ax.set_ylabel(ylabel, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+
+
+def finish(fig: Figure, axes, dashed: str, title: str, results: dict) -> Figure:
+    """One legend for every panel (the bars' series and what the dashed lines mark) and the run's title."""
+    handles = [*axes[0][0].get_legend_handles_labels()[0],
+               Line2D([], [], color="black", linestyle="--", label=dashed)]
+    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9)
+    fig.suptitle(f"{title}, {results['model']} (higher is better)\n{results['machine']}, {results['date']}",
+                 fontsize=10)
+    return fig
+
+
 def decode_figure(results: dict) -> Figure:
     profiles = results["profiles"]
     first_chain = next(iter(next(iter(profiles.values()))["chains"].values()))
@@ -70,17 +89,8 @@ def decode_figure(results: dict) -> Figure:
             for pos, mode in zip(xs, series):
                 floor = [c["floor"][mode][ctx] for c in chains.values()]
                 ax.hlines(floor, pos - half, pos + half, colors="black", linestyles="--", linewidth=1.2)
-            if row == 0:
-                ax.set_title(link_title(name, prof["link"]), fontsize=9)
-            if col == 0:
-                ax.set_ylabel(f"decode steps/s\n{ctx}-token context", fontsize=9)
-            ax.grid(axis="y", alpha=0.3)
-    handles = [*axes[0][0].get_legend_handles_labels()[0],
-               Line2D([], [], color="black", linestyle="--", label="floor: local step + link delay")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9)
-    fig.suptitle(f"Single-batch decode, {results['model']} (higher is better)\n{results['machine']}, "
-                 f"{results['date']}", fontsize=10)
-    return fig
+            label_panel(ax, row, col, name, prof["link"], f"decode steps/s\n{ctx}-token context")
+    return finish(fig, axes, "floor: local step + link delay", "Single-batch decode", results)
 
 
 def forward_figure(results: dict) -> Figure:
@@ -95,17 +105,8 @@ def forward_figure(results: dict) -> Figure:
             series = {v: [c["forward"][v][batch] for c in chains.values()] for v in variants}
             grouped_bars(ax, chains, series, FORWARD_COLORS, FORWARD_LABELS)
             ax.axhline(local[batch], color="black", linestyle="--", linewidth=1.2)
-            if row == 0:
-                ax.set_title(link_title(name, prof["link"]), fontsize=9)
-            if col == 0:
-                ax.set_ylabel(f"forward tokens/s\nbatch {batch} x 128 tokens", fontsize=9)
-            ax.grid(axis="y", alpha=0.3)
-    handles = [*axes[0][0].get_legend_handles_labels()[0],
-               Line2D([], [], color="black", linestyle="--", label="one process, no network")]
-    fig.legend(handles=handles, loc="outside lower center", ncols=3, fontsize=9)
-    fig.suptitle(f"Parallel forward, {results['model']} (higher is better)\n{results['machine']}, {results['date']}",
-                 fontsize=10)
-    return fig
+            label_panel(ax, row, col, name, prof["link"], f"forward tokens/s\nbatch {batch} x 128 tokens")
+    return finish(fig, axes, "one process, no network", "Parallel forward", results)
 
 
 def write_plots(results: dict, out: Path) -> list[Path]:
