@@ -1,0 +1,137 @@
+"""Batch-1 matrix-vector kernels at Llama shapes on a GPU: the decode step's inner loop.
+
+A single-stream decode step reads every weight once, so each linear layer's
+matrix-vector product should run at the GPU's memory bandwidth. This measures,
+per layer shape and over a whole block's linears (several blocks' worth of
+distinct weights, so nothing is served from L2), the effective bandwidth of:
+
+- bf16: cuBLAS through F.linear (what eager transformers runs);
+- nf4: bitsandbytes' 4-bit inference kernel, through the nf4 layers workers
+  load (worker/quantize.py).
+
+The nf4 time per block, times the blocks of a 70B model, is most of the time
+of an nf4 worker's token: this is where a faster 4-bit kernel would show.
+
+Every method runs inside a CUDA graph, timed with CUDA events. Run on a GPU:
+    python perf/bench_gemv.py --json gemv.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from corolla.worker.quantize import NF4, quantize_linears, weight_bytes  # noqa: E402
+from perf.gpu_bench import copy_bandwidth  # noqa: E402
+
+log = logging.getLogger("bench_gemv")
+
+SHAPES = {  # (out_features, in_features) of one block's linears: q, k, v, o, gate, up, down
+    "llama2-70b": [(8192, 8192), (1024, 8192), (1024, 8192), (8192, 8192), (28672, 8192), (28672, 8192),
+                   (8192, 28672)],
+    "llama3-8b": [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096),
+                  (4096, 14336)],
+}
+METHODS = ("bf16", "nf4")
+
+
+def layers(shapes: list[tuple[int, int]], blocks: int, device: torch.device) -> list[nn.Linear]:
+    torch.manual_seed(0)
+    out = []
+    for _ in range(blocks):
+        for n, k in shapes:
+            linear = nn.Linear(k, n, bias=False, device=device, dtype=torch.bfloat16)
+            nn.init.normal_(linear.weight, std=0.02)
+            out.append(linear)
+    return out
+
+
+def graph_time(fn, x: torch.Tensor, replays: int = 50) -> float:
+    """Seconds per call of fn(x) replayed as a CUDA graph."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn(x)
+    for _ in range(5):
+        graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(replays):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / 1e3 / replays
+
+
+def bench_model(name: str, blocks: int, methods: list[str], device: torch.device) -> list[dict]:
+    shapes = SHAPES[name]
+    rows = []
+    x = torch.randn(1, 1, max(k for _, k in shapes), dtype=torch.bfloat16, device=device)
+    for method in methods:
+        started = time.perf_counter()
+        seq = nn.ModuleList(layers(shapes, blocks, device))
+        if method == "nf4":
+            quantize_linears(seq, NF4)
+        fn = lambda v: [m(v[..., :m.in_features]) for m in seq]  # noqa: E731
+        try:
+            with torch.inference_mode():
+                outs = fn(x)
+                seconds = graph_time(fn, x)
+        except Exception as e:  # one method failing should not hide the others' figures
+            log.exception("%s %s failed", name, method)
+            rows.append({"model": name, "method": method, "error": f"{type(e).__name__}: {e}"})
+            continue
+        weight = weight_bytes(seq)
+        row = {"model": name, "method": method, "blocks": blocks, "weight_bytes": weight,
+               "ms_per_block": 1e3 * seconds / blocks, "gbps": weight / seconds / 1e9,
+               "setup_s": time.perf_counter() - started}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        del seq, fn, outs
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--models", nargs="+", default=list(SHAPES), choices=list(SHAPES))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--blocks", type=int, default=4, help="blocks of distinct weights (more than L2 holds)")
+    parser.add_argument("--json", help="write the rows here")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("this benchmark needs a CUDA GPU")
+    device = torch.device("cuda")
+    copy = copy_bandwidth()
+    print(f"{torch.cuda.get_device_name()}  copy bandwidth {copy / 1e9:.0f} GB/s", flush=True)
+    rows = []
+    for name in args.models:
+        rows += bench_model(name, args.blocks, args.methods, device)
+    print(f"\n{'model':<12} {'method':<15} {'ms/block':>9} {'GB/s':>7} {'% copy':>7}")
+    for r in rows:
+        if "error" in r:
+            print(f"{r['model']:<12} {r['method']:<15} {r['error'][:60]}")
+        else:
+            print(f"{r['model']:<12} {r['method']:<15} {r['ms_per_block']:9.3f} {r['gbps']:7.0f} "
+                  f"{100 * r['gbps'] * 1e9 / copy:6.0f}%")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "copy_gbps": copy / 1e9, "torch": torch.__version__,
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
