@@ -13,10 +13,12 @@ and spans may overlap), and costs
   random factor in [1, 1 + THROUGHPUT_SPREAD) drawn per worker and request,
   so concurrent requests spread over replicas of similar speed.
 
-RTTs come from the bus's Ping, measured before a worker is first used and
-refreshed in the background on the bus loop. Beside them, a LinkMeter measures
-each worker's bandwidth once, when the client first sends it activations, so
-ClientConfig.codec "auto" can choose their codec per link (compression/policy.py).
+RTTs come from the bus's Ping, measured before a worker is first used (for a
+static chain: in the background, as nothing routes by them) and refreshed in the
+background on the bus loop. Beside them, a LinkMeter measures each worker's
+bandwidth when the client first sends it activations, again once the figure is
+LINK_MAX_AGE_S old, and afresh after the worker failed, so ClientConfig.codec
+"auto" can choose their codec per link (compression/policy.py).
 """
 from __future__ import annotations
 
@@ -62,6 +64,7 @@ PROBE_MAX_BYTES = 4 << 20
 # (tbf lets 50 kB through unshaped at 100 Mbit/s) are a few percent of it: about 0.3 s in all at 100 Mbit/s.
 PROBE_TARGET_S = 0.05
 PROBE_TIMEOUT_S = 5.0  # a probe still unanswered bounds the bandwidth from above; no measurement waits longer
+LINK_MAX_AGE_S = 300.0  # links change (congestion, a moved worker): an older figure is measured again
 
 
 @dataclass(frozen=True)
@@ -82,11 +85,15 @@ class Router(Protocol):
         """Whether workers known right now, less `exclude`, cover [start, end) (no waiting for discovery)."""
 
     def round_trip(self, endpoint: str) -> float | None:
-        """Measured round-trip time to a worker in seconds, or None if this router does not measure."""
+        """Measured round-trip time to a worker in seconds, or None until one is measured."""
 
 
 class StaticRouter:
-    """The peers the user listed, in order; each takes over where the previous one ends."""
+    """The peers the user listed, in order; each takes over where the previous one ends.
+
+    Their RTTs (for `round_trip`, which decides server-to-server push) are pinged in the background from the
+    first chain on and refreshed like a SwarmRouter's; nothing waits for them, as a static chain does not route
+    by them."""
 
     def __init__(self, endpoints: list[str], pool: ConnectionPool, model_id: str | None = None, timeout: float = 10.0):
         if not endpoints:
@@ -96,7 +103,10 @@ class StaticRouter:
         self.model_id = model_id
         self.timeout = timeout
         self.links = LinkMeter(pool)
+        self.rtt = RttTracker(pool)
         self._infos: list[WorkerInfo] | None = None
+        self._pinger: asyncio.Task | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def infos(self) -> list[WorkerInfo]:
         if self._infos is None:
@@ -105,16 +115,25 @@ class StaticRouter:
         return self._infos
 
     def close_soon(self) -> None:
-        """Nothing runs in the background for a static chain."""
+        """Stop the RTT pings from any thread (a model's finalizer calls this)."""
+        if self._pinger is not None:
+            self._loop.call_soon_threadsafe(self._pinger.cancel)
 
     def round_trip(self, endpoint: str) -> float | None:
-        return None
+        return self.rtt.rtt.get(endpoint)
+
+    async def _ping(self) -> None:
+        await self.rtt.ensure(self.endpoints)
+        await self.rtt.refresh(lambda: self.endpoints)
 
     def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
         infos = self._infos or []
         return not uncovered([i for e, i in zip(self.endpoints, infos) if e not in exclude], start, end)
 
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
+        if self._pinger is None:
+            self._loop = asyncio.get_running_loop()
+            self._pinger = asyncio.ensure_future(self._ping())
         hops, position = [], start
         for endpoint, info in zip(self.endpoints, await self.infos()):
             if position >= end:
@@ -238,24 +257,42 @@ class Link:
 
 
 class LinkMeter:
-    """Each worker's Link, measured once, on first use: the fastest of a few Pings, then Probe echoes of growing
-    size; bandwidth = bytes echoed both ways / (echo time - ping time). Runs on the bus loop, one link at a time
-    so measurements do not share the client's own uplink."""
+    """Each worker's Link: the fastest of a few Pings, then Probe echoes of growing size; bandwidth = bytes echoed
+    both ways / (echo time - ping time). Measured on first use, which waits for it; again once the figure is older
+    than `max_age_s`, in the background, uses going on with the old figure until the new one lands (a link that
+    could not be measured is retried so too); afresh on the next use after `forget`. Runs on the bus loop, one link
+    at a time so measurements do not share the client's own uplink."""
 
-    def __init__(self, pool: ConnectionPool, timeout: float = PROBE_TIMEOUT_S):
+    def __init__(self, pool: ConnectionPool, timeout: float = PROBE_TIMEOUT_S, max_age_s: float = LINK_MAX_AGE_S):
         self.pool = pool
         self.timeout = timeout
+        self.max_age_s = max_age_s
         self.links: dict[str, Link | None] = {}  # None: could not be measured (old worker, fault): raw
+        self.measured_at: dict[str, float] = {}  # time.monotonic() when each figure landed
         self._measuring: dict[str, asyncio.Task] = {}
         self._one_at_a_time: asyncio.Lock | None = None
 
     async def get(self, endpoint: str) -> Link | None:
         if endpoint in self.links:
+            if time.monotonic() - self.measured_at[endpoint] > self.max_age_s:
+                self._measurement(endpoint)
             return self.links[endpoint]
+        # shielded: a cancelled step leaves the measurement running for the next one
+        return await asyncio.shield(self._measurement(endpoint))
+
+    def forget(self, endpoint: str) -> None:
+        """Drop `endpoint`'s figure and disown a measurement under way: its worker failed and may be back
+        restarted or moved, so the next use measures the link afresh."""
+        self.links.pop(endpoint, None)
+        self.measured_at.pop(endpoint, None)
+        self._measuring.pop(endpoint, None)
+
+    def _measurement(self, endpoint: str) -> asyncio.Task:
+        """The measurement of `endpoint` under way, started if there is none."""
         task = self._measuring.get(endpoint)
         if task is None:
             task = self._measuring[endpoint] = asyncio.ensure_future(self._measure(endpoint))
-        return await asyncio.shield(task)  # a cancelled step leaves the measurement running for the next one
+        return task
 
     async def codec(self, config, payload: torch.Tensor | None, *endpoints: str) -> wire.Codec:
         """How activations like `payload` travel over the links to `endpoints` (the slowest one decides) under
@@ -278,8 +315,10 @@ class LinkMeter:
             except CorollaError as e:
                 log.info("link to %s not measured (%s): activations go raw", endpoint, e)
                 link = None
-        self.links[endpoint] = link
-        self._measuring.pop(endpoint, None)
+        if self._measuring.get(endpoint) is asyncio.current_task():  # not forgotten meanwhile
+            self.links[endpoint] = link
+            self.measured_at[endpoint] = time.monotonic()
+            del self._measuring[endpoint]
         log.debug("link to %s: %s", endpoint, link)
         return link
 
