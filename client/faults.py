@@ -29,6 +29,14 @@ def worth_retrying(error: Exception) -> bool:
     return isinstance(error, RemoteError) and error.code not in NOT_RETRYABLE
 
 
+def blame(bans: "Bans", router, error: Exception, endpoint: str) -> None:
+    """Ban the worker that caused `error` and forget the router's figure for its link, unless it was merely full:
+    a worker that failed may be back restarted or moved, behind another link."""
+    if not is_busy(error):
+        bans.ban(endpoint, error)
+        router.links.forget(endpoint)
+
+
 def is_busy(error: Exception) -> bool:
     return isinstance(error, RemoteError) and error.code in BUSY
 
@@ -40,11 +48,9 @@ class Bans:
     seconds: float = 30.0
     _until: dict[str, float] = field(default_factory=dict)
 
-    def ban_after(self, error: Exception, endpoint: str) -> None:
-        """Ban the worker that caused `error`, unless it was merely full."""
-        if not is_busy(error):
-            self._until[endpoint] = time.monotonic() + self.seconds
-            log.warning("banning %s for %.1f s after %s", endpoint, self.seconds, error)
+    def ban(self, endpoint: str, error: Exception) -> None:
+        self._until[endpoint] = time.monotonic() + self.seconds
+        log.warning("banning %s for %.1f s after %s", endpoint, self.seconds, error)
 
     def current(self) -> frozenset[str]:
         now = time.monotonic()

@@ -20,7 +20,7 @@ from torch import nn
 from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.messages import Backward, Forward
 from corolla.client.config import ClientConfig
-from corolla.client.faults import Bans, Retry, failed_endpoint, reroute, worth_retrying
+from corolla.client.faults import Bans, Retry, blame, failed_endpoint, reroute, worth_retrying
 from corolla.client.routing import Hop, Router
 from corolla.client.session import InferenceSession
 
@@ -86,7 +86,7 @@ class RemoteSequential(nn.Module):
             if not worth_retrying(e):
                 raise
             await retry.next(e)
-            self.bans.ban_after(e, failed_endpoint(e, hop))
+            blame(self.bans, self.router, e, failed_endpoint(e, hop))
             raise _Reroute() from e
 
     async def _forward_range(self, start: int, end: int, hidden, attention_mask, position_ids, prompts,

@@ -21,7 +21,7 @@ from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.errors import CorollaError
 from corolla.bus.messages import CloseSession, OpenSession, Step
 from corolla.client.config import ClientConfig
-from corolla.client.faults import Bans, Retry, failed_endpoint, is_busy, reroute, worth_retrying
+from corolla.client.faults import Bans, Retry, blame, failed_endpoint, reroute, worth_retrying
 from corolla.client.routing import Hop, Router
 
 log = logging.getLogger(__name__)
@@ -105,19 +105,12 @@ class InferenceSession:
                 if not worth_retrying(e):
                     raise
                 await retry.next(e)
-                self._failed(e, failed_endpoint(e, hop))
+                blame(self.bans, self.router, e, failed_endpoint(e, hop))
                 await self._replace(i)
                 continue
             sent[hop.start] = hidden
             hidden, i = out, i + 1
         return self._record(sent, inputs, hidden)
-
-    def _failed(self, error: Exception, endpoint: str) -> None:
-        """Ban the worker that caused `error` and, unless it was merely busy, forget its link's figure: a worker
-        that failed may be back restarted or moved, behind another link."""
-        self.bans.ban_after(error, endpoint)
-        if not is_busy(error):
-            self.router.links.forget(endpoint)
 
     def _push_pays(self) -> bool:
         if self.config.use_server_to_server is not None:
@@ -157,7 +150,7 @@ class InferenceSession:
                 if task.done() and task.exception() is not None:
                     error = task.exception()
                     if worth_retrying(error):
-                        self._failed(error, failed_endpoint(error, hop))
+                        blame(self.bans, self.router, error, failed_endpoint(error, hop))
                     raise error
         finally:
             for task in tasks:  # downstream workers stop waiting for a push once the relayed step arrives
