@@ -19,11 +19,16 @@ import json
 import logging
 import os
 import platform
+import statistics
+import sys
 import time
 from datetime import date
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from perf.gpu_bench import free_port, step_seconds  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger("bench_inference")
@@ -40,6 +45,44 @@ def decode_steps_per_s(model, prompt_ids, new_tokens, repeats) -> float:
     for _ in range(repeats):
         best = min(best, (timed(new_tokens + 1) - timed(1)) / new_tokens)
     return 1.0 / best
+
+
+def token_breakdown(model, prompt_ids, steps: int, ports: list[int]) -> dict:
+    """Where one swarm decode token's time goes: the median single-token step through the chain, each worker's
+    own mean time for it (receipt to reply, from its metrics), and the median empty step (no tokens: both hops,
+    the bus and every hand-off, no compute)."""
+    with torch.inference_mode():
+        hidden = model.model.embed_tokens(prompt_ids)
+        with model.inference_session(max_length=prompt_ids.shape[1] + 2 * steps + 2) as session:
+            session.step(hidden)
+            token = hidden[:, -1:]
+            before, times = step_seconds(ports), []
+            for _ in range(steps):
+                started = time.perf_counter()
+                session.step(token)
+                times.append(time.perf_counter() - started)
+            after, empty = step_seconds(ports), []
+            for _ in range(steps):
+                started = time.perf_counter()
+                session.step(token[:, :0])
+                empty.append(time.perf_counter() - started)
+    return {"step_ms": 1e3 * statistics.median(times),
+            "worker_ms": [1e3 * (a[0] - b[0]) / (a[1] - b[1]) for a, b in zip(after, before)],
+            "empty_step_ms": 1e3 * statistics.median(empty)}
+
+
+def local_step_ms(model, prompt_ids, steps: int) -> float:
+    """Median time of one token's step through all blocks and the final norm in this process (no LM head)."""
+    from transformers.cache_utils import DynamicCache
+    with torch.inference_mode():
+        cache, hidden = DynamicCache(), model.model.embed_tokens(prompt_ids)
+        model.model(inputs_embeds=hidden, past_key_values=cache, use_cache=True)
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            model.model(inputs_embeds=hidden[:, -1:], past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
 
 
 def forward_tokens_per_s(model, batch, seq, repeats, vocab) -> float:
@@ -93,11 +136,14 @@ def main() -> None:
     results = {}
     with torch.inference_mode():
         log.info("local: decode")
-        results["local"] = {"decode_steps_s": decode_steps_per_s(local, prompt, args.new_tokens, args.repeats)}
+        results["local"] = {"decode_steps_s": decode_steps_per_s(local, prompt, args.new_tokens, args.repeats),
+                            "step_ms": local_step_ms(local, prompt, args.new_tokens)}
         for b in (1, 16):
             log.info("local: forward batch %d", b)
             results["local"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(local, b, 128, args.repeats, vocab)
-        worker_args = [["--model", folder, "--blocks", span, "--threads", str(args.threads)] for span in ("0:15", "15:30")]
+        ports = [free_port(), free_port()]
+        worker_args = [["--model", folder, "--blocks", span, "--threads", str(args.threads), "--metrics-port", str(port)]
+                       for span, port in zip(("0:15", "15:30"), ports)]
         log.info("starting 2 workers")
         with LocalSwarm(worker_args) as swarm:
             wire = getattr(torch, args.wire)
@@ -106,6 +152,8 @@ def main() -> None:
                 use_server_to_server={"auto": None, "on": True, "off": False}[args.push])
             log.info("swarm: decode")
             results["swarm"] = {"decode_steps_s": decode_steps_per_s(remote, prompt, args.new_tokens, args.repeats)}
+            log.info("swarm: one token's time, by where it goes")
+            results["swarm"].update(token_breakdown(remote, prompt, args.new_tokens, ports))
             for b in (1, 16):
                 log.info("swarm: forward batch %d", b)
                 results["swarm"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(remote, b, 128, args.repeats, vocab)
@@ -126,6 +174,10 @@ def main() -> None:
                        ("forward_b16_tok_s", "forward tokens/s, batch 16")):
         a, b = results["local"][key], results["swarm"][key]
         print(f"{label:28} {a:10.1f} {b:10.1f} {b / a:7.2f}")
+    local_ms, swarm = results["local"]["step_ms"], results["swarm"]
+    print(f"\none token's step (all blocks, no LM head): local {local_ms:.1f} ms; swarm {swarm['step_ms']:.1f} ms = "
+          f"workers' own {' + '.join(f'{w:.1f}' for w in swarm['worker_ms'])} ms + {swarm['step_ms'] - sum(swarm['worker_ms']):.1f} "
+          f"ms of bus and client; an empty step through both hops {swarm['empty_step_ms']:.1f} ms")
     print(f"\n{'swarm blocks, 128 tokens':28} {'whole':>10} {'micro':>10} {'ratio':>7}")
     for b in args.pipeline_batches:
         a, m = results["pipeline"][f"whole_b{b}_tok_s"], results["pipeline"][f"micro_b{b}_tok_s"]
