@@ -8,6 +8,7 @@ coroutines and block on the result.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import itertools
 import logging
 import threading
@@ -25,6 +26,7 @@ from corolla.bus.security import Security
 log = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT = 30.0
+STOP_TIMEOUT_S = 2.0  # at exit, how long the bus loop may take to stop
 
 
 class BusLoop:
@@ -38,6 +40,7 @@ class BusLoop:
         self.thread = threading.Thread(target=self.loop.run_forever, name="corolla-bus", daemon=True)
         self.thread.start()
         self.context = zmq.asyncio.Context()
+        atexit.register(self._stop)
 
     @classmethod
     def get(cls) -> "BusLoop":
@@ -45,6 +48,15 @@ class BusLoop:
             if cls._instance is None:
                 cls._instance = cls()
             return cls._instance
+
+    def _stop(self) -> None:
+        """At interpreter exit: stop the loop, then close every socket and end libzmq's threads, so that nothing is
+        still running in them while the interpreter tears down (which can abort the process). The loop is left
+        open: finalizers that run later may still schedule on it, harmlessly."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=STOP_TIMEOUT_S)
+        if not self.thread.is_alive():  # else the loop may still be using its sockets: leave them be
+            self.context.destroy(linger=0)
 
     def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
         """Run a coroutine on the loop and wait for it from a foreign thread."""
