@@ -18,6 +18,7 @@ Every method runs inside a CUDA graph, timed with CUDA events. Run on a GPU:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -75,6 +76,11 @@ def graph_time(fn, x: torch.Tensor, replays: int = 50) -> float:
     return start.elapsed_time(end) / 1e3 / replays
 
 
+def run_all(layers: nn.ModuleList, x: torch.Tensor) -> list[torch.Tensor]:
+    """Every layer on (the leading features of) one input row."""
+    return [m(x[..., :m.in_features]) for m in layers]
+
+
 def bench_model(name: str, blocks: int, methods: list[str], device: torch.device) -> list[dict]:
     shapes = SHAPES[name]
     rows = []
@@ -84,7 +90,7 @@ def bench_model(name: str, blocks: int, methods: list[str], device: torch.device
         seq = nn.ModuleList(layers(shapes, blocks, device))
         if method == "nf4":
             quantize_linears(seq, NF4)
-        fn = lambda v: [m(v[..., :m.in_features]) for m in seq]  # noqa: E731
+        fn = functools.partial(run_all, seq)
         try:
             with torch.inference_mode():
                 outs = fn(x)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
+from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.messages import Forward, HiddenReply, Ping, Pong
 from corolla.bus.server import Server
 
@@ -44,3 +45,17 @@ class EchoServer:
         asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+def on_bus(coro_fn, timeout: float = 60):
+    """Run `coro_fn(pool)` on the client's bus loop with a connection pool of its own, closed afterwards."""
+    bus = BusLoop.get()
+
+    async def run():
+        pool = ConnectionPool(bus.context)
+        try:
+            return await coro_fn(pool)
+        finally:
+            await pool.close()
+
+    return bus.run(run(), timeout=timeout)

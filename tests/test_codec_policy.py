@@ -13,13 +13,12 @@ import torch
 
 from corolla import AutoDistributedModelForCausalLM
 from corolla.bus import wire
-from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.messages import Probe
 from corolla.client.config import ClientConfig
 from corolla.client.routing import LinkMeter
 from corolla.compression import encode, policy
 from corolla.worker.launcher import LocalSwarm, spawn_worker
-from tests.bus_helpers import EchoServer
+from tests.bus_helpers import EchoServer, on_bus
 from tests.conftest import worker_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,23 +74,10 @@ def tiny_worker(tiny_llama_folder):
         yield swarm.endpoints[0]
 
 
-def _on_bus(coro_fn):
-    bus = BusLoop.get()
-
-    async def run():
-        pool = ConnectionPool(bus.context)
-        try:
-            return await coro_fn(pool)
-        finally:
-            await pool.close()
-
-    return bus.run(run(), timeout=60)
-
-
 @pytest.mark.slow  # the worker's start
 def test_worker_echoes_probe(tiny_worker):
     data = torch.randint(0, 256, (100_000,), dtype=torch.uint8)
-    reply = _on_bus(lambda pool: pool.get(tiny_worker).request(Probe(data), 10.0))
+    reply = on_bus(lambda pool: pool.get(tiny_worker).request(Probe(data), 10.0))
     assert torch.equal(reply.data, data)
 
 
@@ -103,7 +89,7 @@ def test_loopback_link_is_measured_fast_and_stays_raw(tiny_worker):
         big = torch.zeros(16, 128, HIDDEN)
         return link, await meter.codec(ClientConfig(), big, tiny_worker), meter.links
 
-    link, codec, links = _on_bus(measure)
+    link, codec, links = on_bus(measure)
     assert 0 < link.rtt_s < 0.1
     assert link.bandwidth > 100e6  # loopback: hundreds of MB/s even on a busy 2-core box
     assert codec == wire.Codec("raw", torch.float16)
@@ -117,7 +103,7 @@ def test_link_that_cannot_be_probed_goes_raw():
             meter = LinkMeter(pool)
             return await meter.get(server.endpoint), await meter.codec(ClientConfig(), torch.zeros(64, 128, HIDDEN),
                                                                      server.endpoint)
-        link, codec = _on_bus(measure)
+        link, codec = on_bus(measure)
     finally:
         server.close()
     assert link is None and codec == wire.Codec("raw", torch.float16)
@@ -131,7 +117,7 @@ def test_explicit_codecs_are_kept_without_measuring(name):
         meter = LinkMeter(pool)
         return await meter.codec(config, torch.zeros(16, 128, HIDDEN), "tcp://127.0.0.1:1"), meter.links
 
-    codec, links = _on_bus(ask)
+    codec, links = on_bus(ask)
     assert codec == config.activation_codec == wire.Codec(name, torch.float16)
     assert links == {}
 

@@ -12,11 +12,10 @@ import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.messages import InfoRequest
 from corolla.client.routing import LinkMeter
 from corolla.worker.launcher import LocalSwarm, start_worker
-from tests.bus_helpers import EchoServer
+from tests.bus_helpers import EchoServer, on_bus
 from tests.conftest import worker_args
 from tests.discovery_helpers import free_port
 
@@ -53,19 +52,6 @@ def workers(tiny_llama_folder):
         yield workers
 
 
-def _on_bus(coro_fn):
-    bus = BusLoop.get()
-
-    async def run():
-        pool = ConnectionPool(bus.context)
-        try:
-            return await coro_fn(pool)
-        finally:
-            await pool.close()
-
-    return bus.run(run(), timeout=60)
-
-
 async def _until(predicate, timeout: float = LANDS_S) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -84,7 +70,7 @@ def test_link_that_could_not_be_measured_is_tried_again_after_the_max_age():
             await asyncio.sleep(MAX_AGE_S)
             assert await meter.get(server.endpoint) is None  # raw while it is tried again
             await _until(lambda: meter.measured_at[server.endpoint] > first)
-        _on_bus(measure)
+        on_bus(measure)
     finally:
         server.close()
 
@@ -108,7 +94,7 @@ def test_stale_link_is_measured_again_in_the_background(workers):
         await _until(lambda: meter.links[endpoint] is not first)
         return first, stale, kept, waited, meter.links[endpoint]
 
-    first, stale, kept, waited, new = _on_bus(measure)
+    first, stale, kept, waited, new = on_bus(measure)
     assert stale is first and kept is first and waited < BLOCK_S / 10  # the use went on with the old figure
     assert new.bandwidth > 100e6 and 0 < new.rtt_s < 0.1
 
@@ -129,7 +115,7 @@ def test_link_of_a_restarted_worker_is_measured_afresh(tiny_llama_folder, worker
 
 
 def _pushes_received(endpoint: str) -> int:
-    return _on_bus(lambda pool: pool.get(endpoint).request(InfoRequest(), 10.0)).extra["pushes_received"]
+    return on_bus(lambda pool: pool.get(endpoint).request(InfoRequest(), 10.0)).extra["pushes_received"]
 
 
 @pytest.mark.slow  # the workers' start
