@@ -50,9 +50,14 @@ class BusLoop:
             return cls._instance
 
     def _stop(self) -> None:
-        """At interpreter exit: stop the loop, then close every socket and end libzmq's threads, so that nothing is
-        still running in them while the interpreter tears down (which can abort the process). The loop is left
-        open: finalizers that run later may still schedule on it, harmlessly."""
+        """At interpreter exit: cancel the loop's tasks (none is left pending to be destroyed), stop the loop, then
+        close every socket and end libzmq's threads, so that nothing is still running in them while the
+        interpreter tears down (which can abort the process). The loop is left open: finalizers that run later
+        may still schedule on it, harmlessly."""
+        try:
+            asyncio.run_coroutine_threadsafe(_cancel_tasks(), self.loop).result(STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("the bus loop's tasks did not finish within %.0f s of exit", STOP_TIMEOUT_S)
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=STOP_TIMEOUT_S)
         if not self.thread.is_alive():  # else the loop may still be using its sockets: leave them be
@@ -63,6 +68,13 @@ class BusLoop:
         if threading.current_thread() is self.thread:
             raise RuntimeError("BusLoop.run called from the bus thread itself; await the coroutine instead")
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+
+async def _cancel_tasks() -> None:
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class Connection:
