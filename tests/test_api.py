@@ -349,7 +349,9 @@ def test_chat_page_streams_a_reply(browser, api, tmp_path):
     from selenium.webdriver.support.select import Select
 
     browser.get(f"{api.url}/chat")
-    wait_until(lambda: Select(browser.find_element(By.ID, "model")).first_selected_option.text == SMOL, 10)
+    # the page lists the models once its fetch of /v1/models returns: until then nothing is selected
+    wait_until(lambda: [o.text for o in Select(browser.find_element(By.ID, "model")).all_selected_options] == [SMOL],
+               10)
     temperature = browser.find_element(By.ID, "temperature")
     temperature.clear()
     temperature.send_keys("0")
