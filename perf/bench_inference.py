@@ -32,6 +32,7 @@ from perf.gpu_bench import free_port, step_seconds  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger("bench_inference")
+COMPUTE_SERIES = ("corolla_worker_compute_seconds", 'queue="inference"')  # the compute thread's passes
 
 
 def decode_steps_per_s(model, prompt_ids, new_tokens, repeats) -> float:
@@ -49,25 +50,27 @@ def decode_steps_per_s(model, prompt_ids, new_tokens, repeats) -> float:
 
 def token_breakdown(model, prompt_ids, steps: int, ports: list[int]) -> dict:
     """Where one swarm decode token's time goes: the median single-token step through the chain, each worker's
-    own mean time for it (receipt to reply, from its metrics), and the median empty step (no tokens: both hops,
-    the bus and every hand-off, no compute)."""
+    own mean time for it (receipt to reply, from its metrics) and the part of it spent computing, and the median
+    empty step (no tokens: both hops, the bus and every hand-off, no compute)."""
     with torch.inference_mode():
         hidden = model.model.embed_tokens(prompt_ids)
         with model.inference_session(max_length=prompt_ids.shape[1] + 2 * steps + 2) as session:
             session.step(hidden)
             token = hidden[:, -1:]
-            before, times = step_seconds(ports), []
+            before, computed, times = step_seconds(ports), step_seconds(ports, *COMPUTE_SERIES), []
             for _ in range(steps):
                 started = time.perf_counter()
                 session.step(token)
                 times.append(time.perf_counter() - started)
             after, empty = step_seconds(ports), []
+            computed = [(a[0] - b[0]) / steps for a, b in zip(step_seconds(ports, *COMPUTE_SERIES), computed)]
             for _ in range(steps):
                 started = time.perf_counter()
                 session.step(token[:, :0])
                 empty.append(time.perf_counter() - started)
     return {"step_ms": 1e3 * statistics.median(times),
             "worker_ms": [1e3 * (a[0] - b[0]) / (a[1] - b[1]) for a, b in zip(after, before)],
+            "worker_compute_ms": [1e3 * c for c in computed],
             "empty_step_ms": 1e3 * statistics.median(empty)}
 
 
@@ -176,7 +179,8 @@ def main() -> None:
         print(f"{label:28} {a:10.1f} {b:10.1f} {b / a:7.2f}")
     local_ms, swarm = results["local"]["step_ms"], results["swarm"]
     print(f"\none token's step (all blocks, no LM head): local {local_ms:.1f} ms; swarm {swarm['step_ms']:.1f} ms = "
-          f"workers' own {' + '.join(f'{w:.1f}' for w in swarm['worker_ms'])} ms + {swarm['step_ms'] - sum(swarm['worker_ms']):.1f} "
+          f"workers' own {' + '.join(f'{w:.1f}' for w in swarm['worker_ms'])} ms (computing "
+          f"{' + '.join(f'{c:.1f}' for c in swarm['worker_compute_ms'])}) + {swarm['step_ms'] - sum(swarm['worker_ms']):.1f} "
           f"ms of bus and client; an empty step through both hops {swarm['empty_step_ms']:.1f} ms")
     print(f"\n{'swarm blocks, 128 tokens':28} {'whole':>10} {'micro':>10} {'ratio':>7}")
     for b in args.pipeline_batches:

@@ -283,14 +283,16 @@ def drift(model, prompt, tokens: torch.Tensor, reference: torch.Tensor) -> dict:
     return logits_error(torch.stack(forced.logits), tokens, reference)
 
 
-def step_seconds(ports: list[int]) -> list[tuple[float, int]]:
-    """Each worker's total seconds and count of answered steps, from its Prometheus metrics."""
+def step_seconds(ports: list[int], histogram: str = "corolla_worker_request_seconds", labels: str = 'kind="step"'
+                 ) -> list[tuple[float, int]]:
+    """Each worker's total seconds and count in one series of a histogram of its Prometheus metrics (default: its
+    answered steps, receipt to reply)."""
     import urllib.request
     totals = []
     for port in ports:
         text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-        seconds = re.search(r'corolla_worker_request_seconds_sum\{kind="step"\} (\S+)', text)
-        count = re.search(r'corolla_worker_request_seconds_count\{kind="step"\} (\S+)', text)
+        seconds = re.search(rf'{histogram}_sum\{{{re.escape(labels)}\}} (\S+)', text)
+        count = re.search(rf'{histogram}_count\{{{re.escape(labels)}\}} (\S+)', text)
         totals.append((float(seconds[1]) if seconds else 0.0, int(float(count[1])) if count else 0))
     return totals
 

@@ -285,6 +285,10 @@ def test_metrics_of_the_api_and_a_worker(client, swarm, api):
     worker = get(swarm.metrics_url)
     steps = metric(worker, "corolla_worker_requests_total", kind="step", status="ok")
     assert steps >= 4 and metric(worker, "corolla_worker_request_seconds_count", kind="step") >= steps
+    passes = metric(worker, "corolla_worker_compute_seconds_count", queue="inference")
+    assert 1 <= passes <= steps  # decode steps of concurrent sessions may share a pass
+    assert 0 < metric(worker, "corolla_worker_compute_seconds_sum", queue="inference") \
+        < metric(worker, "corolla_worker_request_seconds_sum", kind="step")
     assert metric(worker, "corolla_worker_tokens_total", kind="step") > steps  # prefills carry many tokens
     assert metric(worker, "corolla_worker_requests_total", kind="open", status="ok") >= 1
     assert metric(worker, "corolla_worker_bytes_total", direction="in", codec="raw") > 0

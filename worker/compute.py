@@ -13,6 +13,7 @@ import asyncio
 import heapq
 import itertools
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Hashable
 
@@ -22,12 +23,14 @@ from corolla.bus.server import RequestError
 PRIORITY_INFERENCE = 0
 PRIORITY_FORWARD = 1
 PRIORITY_TRAINING = 2
+PRIORITY_NAMES = {PRIORITY_INFERENCE: "inference", PRIORITY_FORWARD: "forward", PRIORITY_TRAINING: "training"}
 
 
 @dataclass(eq=False)
 class _Job:
     fn: Callable[..., Any] | None  # None: the thread stops
     args: tuple
+    priority: int = PRIORITY_INFERENCE
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
     batched: bool = False  # fn takes a list of items and returns one (result, error) per item
@@ -42,6 +45,9 @@ class PriorityExecutor:
         self._order = itertools.count()
         self.max_queue = max_queue
         self.max_batch = max_batch
+        # called from the compute thread after each pass with its priority and seconds: what a request's time from
+        # receipt to reply spends computing, as opposed to waiting in the queue or being handed between threads
+        self.observer: Callable[[int, float], None] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -52,14 +58,14 @@ class PriorityExecutor:
         """Queue `fn(*args)`; the returned future resolves on the caller's event loop.
 
         A full queue answers BUSY at once: the client routes elsewhere instead of waiting behind it."""
-        return self._put(priority, _Job(fn, args))
+        return self._put(priority, _Job(fn, args, priority))
 
     def submit_batched(self, priority: int, fn: Callable[[list], list[tuple[Any, BaseException | None]]], item: Any,
                        group: Hashable | None, owner: Hashable) -> asyncio.Future:
         """Queue `item` for `fn(items)`, which runs it with every queued item of the same group (up to max_batch)
         and returns one (result, error) per item. An item is never taken ahead of an earlier queued job of its
         owner, nor beside another of its owner's, so one session's steps stay in order."""
-        return self._put(priority, _Job(fn, (item,), batched=True, group=group, owner=owner))
+        return self._put(priority, _Job(fn, (item,), priority, batched=True, group=group, owner=owner))
 
     def _put(self, priority: int, job: _Job) -> asyncio.Future:
         if len(self._heap) >= self.max_queue:
@@ -100,6 +106,7 @@ class PriorityExecutor:
             jobs = self._take()
             if jobs[0].fn is None:
                 return
+            started = time.perf_counter()
             try:
                 if jobs[0].batched:
                     outcomes = jobs[0].fn([job.args[0] for job in jobs])
@@ -107,8 +114,11 @@ class PriorityExecutor:
                     outcomes = [(jobs[0].fn(*jobs[0].args), None)]
             except BaseException as e:  # handed to the awaiting requests, which turn it into error replies
                 outcomes = [(None, e)] * len(jobs)
+            seconds = time.perf_counter() - started
             for job, (result, error) in zip(jobs, outcomes):
                 job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+            if self.observer is not None:  # after the replies are on their way
+                self.observer(jobs[0].priority, seconds)
 
     def shutdown(self) -> None:
         with self._ready:

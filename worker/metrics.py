@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 
 from corolla.bus.messages import Backward, Forward, Step
 from corolla.bus.server import Answered
+from corolla.worker.compute import PRIORITY_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,12 @@ class WorkerMetrics:
                               "by message kind", ["kind"], registry=self.registry)
         self.bytes = Counter("corolla_worker_bytes", "Message bytes received (in) and sent (out), by the activation "
                              "codec the sender asked for", ["direction", "codec"], registry=self.registry)
+        self.compute = Histogram("corolla_worker_compute_seconds", "Time of each pass of the compute thread (one "
+                                 "request, or decode steps batched together), by queue: the rest of a request's "
+                                 "time is queueing, hand-offs and the bus", ["queue"], buckets=LATENCY_BUCKETS_S,
+                                 registry=self.registry)
+        service.compute.observer = lambda priority, seconds: self.compute.labels(PRIORITY_NAMES[priority]).observe(
+            seconds)
         sessions = service.sessions
         Gauge("corolla_worker_sessions_open", "Inference sessions open", registry=self.registry).set_function(
             lambda: len(sessions))
