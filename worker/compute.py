@@ -30,7 +30,6 @@ PRIORITY_NAMES = {PRIORITY_INFERENCE: "inference", PRIORITY_FORWARD: "forward", 
 class _Job:
     fn: Callable[..., Any] | None  # None: the thread stops
     args: tuple
-    priority: int = PRIORITY_INFERENCE
     future: asyncio.Future | None = None
     loop: asyncio.AbstractEventLoop | None = None
     batched: bool = False  # fn takes a list of items and returns one (result, error) per item
@@ -58,14 +57,14 @@ class PriorityExecutor:
         """Queue `fn(*args)`; the returned future resolves on the caller's event loop.
 
         A full queue answers BUSY at once: the client routes elsewhere instead of waiting behind it."""
-        return self._put(priority, _Job(fn, args, priority))
+        return self._put(priority, _Job(fn, args))
 
     def submit_batched(self, priority: int, fn: Callable[[list], list[tuple[Any, BaseException | None]]], item: Any,
                        group: Hashable | None, owner: Hashable) -> asyncio.Future:
         """Queue `item` for `fn(items)`, which runs it with every queued item of the same group (up to max_batch)
         and returns one (result, error) per item. An item is never taken ahead of an earlier queued job of its
         owner, nor beside another of its owner's, so one session's steps stay in order."""
-        return self._put(priority, _Job(fn, (item,), priority, batched=True, group=group, owner=owner))
+        return self._put(priority, _Job(fn, (item,), batched=True, group=group, owner=owner))
 
     def _put(self, priority: int, job: _Job) -> asyncio.Future:
         if len(self._heap) >= self.max_queue:
@@ -77,14 +76,14 @@ class PriorityExecutor:
             self._ready.notify()
         return job.future
 
-    def _take(self) -> list[_Job]:
-        """The next job, and the queued jobs that join it."""
+    def _take(self) -> tuple[int, list[_Job]]:
+        """The next job's priority, the job, and the queued jobs that join it."""
         with self._ready:
             while not self._heap:
                 self._ready.wait()
             priority, _, first = heapq.heappop(self._heap)
             if first.group is None or self.max_batch < 2:
-                return [first]
+                return priority, [first]
             jobs, owners, blocked = [first], {first.owner}, set()
             for entry in sorted(self._heap):
                 job = entry[2]
@@ -99,11 +98,11 @@ class PriorityExecutor:
                 taken = set(map(id, jobs))
                 self._heap = [entry for entry in self._heap if id(entry[2]) not in taken]
                 heapq.heapify(self._heap)
-            return jobs
+            return priority, jobs
 
     def _run(self) -> None:
         while True:
-            jobs = self._take()
+            priority, jobs = self._take()
             if jobs[0].fn is None:
                 return
             started = time.perf_counter()
@@ -118,7 +117,7 @@ class PriorityExecutor:
             for job, (result, error) in zip(jobs, outcomes):
                 job.loop.call_soon_threadsafe(_settle, job.future, result, error)
             if self.observer is not None:  # after the replies are on their way
-                self.observer(jobs[0].priority, seconds)
+                self.observer(priority, seconds)
 
     def shutdown(self) -> None:
         with self._ready:
