@@ -180,9 +180,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.mode == "_client":
         return client_run(args)
-    ok, reason = netem.netns_available()
-    if not ok and any(netem.PROFILES[n].namespaces for n in args.network):
-        sys.exit(f"bench_codec_policy: network namespaces unavailable here ({reason}); try --network loopback")
+    netem.require_profiles(args.network, "bench_codec_policy")
     from corolla.models.convert import convert
     folder = str(convert())
     results = {}

@@ -276,9 +276,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.mode == "_client":
         return client_run(args)
-    ok, reason = netem.netns_available()
-    if not ok and any(netem.PROFILES[n].namespaces for n in args.network):
-        sys.exit(f"bench_network: network namespaces unavailable here ({reason}); try --network loopback")
+    netem.require_profiles(args.network, "bench_network")
     from transformers import AutoConfig
 
     from corolla.models.convert import convert

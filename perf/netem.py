@@ -166,6 +166,13 @@ def netns_available() -> tuple[bool, str]:
     return True, "ok"
 
 
+def require_profiles(names, script: str) -> None:
+    """Exit with a one-line message if any of the profiles `names` needs namespaces and they are unusable here."""
+    ok, reason = netns_available()
+    if not ok and any(PROFILES[n].namespaces for n in names):
+        sys.exit(f"{script}: network namespaces unavailable here ({reason}); try --network loopback")
+
+
 def _tbf_args(rate_mbit: float) -> list[str]:
     """tbf sized for the rate: burst >= rate/250 s (covers HZ=250 and up), 20 ms queue."""
     rate_bps = rate_mbit * 1e6

@@ -73,13 +73,22 @@ def finish(fig: Figure, axes, dashed: str, title: str, results: dict) -> Figure:
     return fig
 
 
+def first_chain(profiles: dict) -> dict:
+    """The first profile's first chain: every chain was measured at the same contexts and batches."""
+    return next(iter(next(iter(profiles.values()))["chains"].values()))
+
+
+def panel_grid(rows: int, cols: int):
+    """A figure of rows x cols panels, each on its own scale: a 100 ms link's bars stay as readable as
+    loopback's."""
+    fig = Figure(figsize=(3.6 * cols + 0.6, 3.2 * rows + 0.9), layout="constrained")
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
 def decode_figure(results: dict) -> Figure:
     profiles = results["profiles"]
-    first_chain = next(iter(next(iter(profiles.values()))["chains"].values()))
-    contexts = list(first_chain["decode"]["relay"])
-    fig = Figure(figsize=(3.6 * len(profiles) + 0.6, 3.2 * len(contexts) + 0.9), layout="constrained")
-    # each panel its own scale: a 100 ms link's bars stay as readable as loopback's
-    axes = fig.subplots(len(contexts), len(profiles), squeeze=False)
+    contexts = list(first_chain(profiles)["decode"]["relay"])
+    fig, axes = panel_grid(len(contexts), len(profiles))
     for row, ctx in enumerate(contexts):
         for col, (name, prof) in enumerate(profiles.items()):
             ax, chains = axes[row][col], prof["chains"]
@@ -95,10 +104,9 @@ def decode_figure(results: dict) -> Figure:
 
 def forward_figure(results: dict) -> Figure:
     profiles, local = results["profiles"], results["local"]["forward_tok_s"]
-    first_chain = next(iter(next(iter(profiles.values()))["chains"].values()))
-    variants, batches = list(first_chain["forward"]), list(first_chain["forward"]["auto"])
-    fig = Figure(figsize=(3.6 * len(profiles) + 0.6, 3.2 * len(batches) + 0.9), layout="constrained")
-    axes = fig.subplots(len(batches), len(profiles), squeeze=False)
+    forward = first_chain(profiles)["forward"]
+    variants, batches = list(forward), list(forward["auto"])
+    fig, axes = panel_grid(len(batches), len(profiles))
     for row, batch in enumerate(batches):
         for col, (name, prof) in enumerate(profiles.items()):
             ax, chains = axes[row][col], prof["chains"]
