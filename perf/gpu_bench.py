@@ -1,12 +1,14 @@
 """GPU figures in one run: copy bandwidth, then transformers in one process vs a 2-worker Corolla swarm on one GPU.
 
     python perf/gpu_bench.py [--quick] [--runs llama3-8b:none,llama2-70b:nf4] [--json PATH]
+    python perf/gpu_bench.py --runs llama2-70b:none:2    # bf16 70B, one worker per GPU (two H200s)
 
 For each model shape (random-normal weights, std 0.02: no checkpoint is read)
 and weight format: (a) plain transformers in this process (eager generate(),
-batch 1, a 128-token prompt, 64 new tokens) and (b) two worker processes on the
-same GPU serving half the blocks each plus the Corolla client on the GPU, once
-per worker decode path (--paths: "graph" replays CUDA graphs of the eager step,
+batch 1, a 128-token prompt, 64 new tokens) and (b) two worker processes serving
+half the blocks each (on the same GPU, or one per GPU where a run names 2 GPUs:
+shape:quantization:2) plus the Corolla client on the first GPU, once per worker
+decode path (--paths: "graph" replays CUDA graphs of the eager step,
 "compiled" of the compiled step). Per path: single-batch decode steps/s with
 hops relayed by the client and pushed worker to worker, each worker's time per
 step (from its metrics: the rest is client and bus), greedy tokens equal to
@@ -264,12 +266,30 @@ def logits_error(ours: torch.Tensor, tokens: torch.Tensor, reference: torch.Tens
 
 def float32_drift(model, prompt, tokens: torch.Tensor, reference: torch.Tensor) -> dict:
     """What bf16 itself costs: the same (bf16-rounded) weights computed in float32, teacher-forced on the bf16
-    model's greedy tokens, against its per-step logits; the yardstick for the swarm's drift."""
-    wide = copy.deepcopy(model).float()
+    model's greedy tokens, against its per-step logits; the yardstick for the swarm's drift. Each block turns
+    float32 just for its own pass (bf16 -> float32 -> bf16 is exact), so a model that fills the GPU in bf16 (70B
+    on one H200) needs room for only one block in float32."""
+    base, dtype = model.model, model.dtype
+    ends = [base.embed_tokens, base.norm, model.lm_head]
+
+    def widen(block, args) -> None:
+        block.float()
+
+    def narrow(block, args, out) -> None:
+        block.to(dtype)
+
+    hooks = [h for layer in base.layers
+             for h in (layer.register_forward_pre_hook(widen), layer.register_forward_hook(narrow))]
     ids = torch.cat([prompt[0], tokens[:-1].to(prompt.device)])[None]
-    logits = wide(ids).logits[0, prompt.shape[1] - 1:].float().cpu()
-    del wide
-    torch.cuda.empty_cache()
+    try:
+        for module in ends:
+            module.float()
+        logits = model(ids).logits[0, prompt.shape[1] - 1:].float().cpu()
+    finally:
+        for h in hooks:
+            h.remove()
+        for module in [*ends, *base.layers]:
+            module.to(dtype)
     return logits_error(reference, logits.argmax(-1), logits)
 
 
@@ -314,7 +334,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def swarm_path(path: str, config, folder: str, quantization: str, prompt, new_tokens: int, reference,
+def swarm_path(path: str, config, folder: str, quantization: str, gpus: int, prompt, new_tokens: int, reference,
                logs: Path, forward: bool) -> dict:
     """One decode path of the workers ("graph": CUDA graphs of the eager step; "compiled": of the compiled step):
     decode relayed by the client and pushed worker to worker, drift, per-worker step time, and (once) forward."""
@@ -324,14 +344,16 @@ def swarm_path(path: str, config, folder: str, quantization: str, prompt, new_to
 
     half = config.num_hidden_layers // 2
     ports = [free_port(), free_port()]
-    common = ["--model", folder, "--dtype", "bfloat16", "--device", DEVICE, "--random-weights", "--seed",
+    devices = [f"cuda:{k % gpus}" for k in range(2)]
+    common = ["--model", folder, "--dtype", "bfloat16", "--random-weights", "--seed",
               str(SEED), "--quantization", quantization, "--no-mdns", "--throughput", "1",
               "--compile-decode" if path == "compiled" else "--no-compile-decode"]
     spans = [f"0:{half}", f"{half}:{config.num_hidden_layers}"]
     name = f"{config.num_hidden_layers}x{config.hidden_size}_{quantization}_{path}"
-    log.info("%s: starting 2 workers", name)
-    result: dict = {}
-    with LocalSwarm([[*common, "--blocks", span, "--metrics-port", str(port)] for span, port in zip(spans, ports)],
+    log.info("%s: starting 2 workers on %s", name, ", ".join(devices))
+    result: dict = {"worker_devices": devices}
+    with LocalSwarm([[*common, "--device", device, "--blocks", span, "--metrics-port", str(port)]
+                     for device, span, port in zip(devices, spans, ports)],
                     timeout=WORKER_READY_TIMEOUT, env={"TORCH_LOGS": "recompiles"}) as swarm:
         try:
             client = random_causal_lm(DistributedLlamaForCausalLM, config, DTYPE, "none")
@@ -363,14 +385,16 @@ def swarm_path(path: str, config, folder: str, quantization: str, prompt, new_to
     return result
 
 
-def run_model(shape: str, quantization: str, bandwidth: float, quick: bool, logs: Path, paths: list[str]) -> dict:
+def run_model(shape: str, quantization: str, gpus: int, bandwidth: float, quick: bool, logs: Path,
+              paths: list[str]) -> dict:
     from transformers import LlamaForCausalLM
 
     config = llama_config(shape)
     new_tokens = 8 if quick else NEW_TOKENS
     prompt = torch.randint(0, config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     prompt = prompt.to(DEVICE)
-    result: dict = {"shape": shape, "quantization": quantization, "dtype": str(DTYPE), "new_tokens": new_tokens}
+    result: dict = {"shape": shape, "quantization": quantization, "dtype": str(DTYPE), "new_tokens": new_tokens,
+                    "gpus": gpus}
     log.info("%s %s: building the one-process model", shape, quantization)
     local = random_causal_lm(LlamaForCausalLM, config, DTYPE, quantization)
     result["decode_bytes"] = decode_bytes(local)
@@ -399,8 +423,8 @@ def run_model(shape: str, quantization: str, bandwidth: float, quick: bool, logs
     torch.cuda.empty_cache()
     with tempfile.TemporaryDirectory() as folder:
         config.save_pretrained(folder)
-        result["paths"] = {path: swarm_path(path, config, folder, quantization, prompt, new_tokens, reference, logs,
-                                            forward=k == 0) for k, path in enumerate(paths)}
+        result["paths"] = {path: swarm_path(path, config, folder, quantization, gpus, prompt, new_tokens, reference,
+                                            logs, forward=k == 0) for k, path in enumerate(paths)}
     best = max(result["paths"].values(), key=lambda r: r["decode_steps_s"])
     result["swarm"] = {"decode_steps_s": best["decode_steps_s"],
                        **{k: v for k, v in result["paths"][paths[0]].items() if k.startswith("forward_")}}
@@ -412,7 +436,8 @@ def run_model(shape: str, quantization: str, bandwidth: float, quick: bool, logs
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a small model and few tokens: check every path fast")
-    parser.add_argument("--runs", help=f"shape:quantization,... (default {DEFAULT_RUNS}; --quick: {QUICK_RUNS})")
+    parser.add_argument("--runs", help=f"shape:quantization[:gpus],... (default {DEFAULT_RUNS}; --quick: "
+                        f"{QUICK_RUNS}); gpus 2: one worker per GPU, else both on the first")
     parser.add_argument("--json", help="where to write the figures (default $OUT/gpu_bench.json or perf/out/)")
     parser.add_argument("--paths", default=",".join(DECODE_PATHS),
                         help="workers' decode paths to measure: graph (CUDA graphs of the eager step), compiled")
@@ -420,28 +445,35 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not torch.cuda.is_available():
         raise SystemExit("gpu_bench needs a CUDA GPU")
-    runs = [r.split(":") for r in (args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)).split(",")]
+    runs = [(r + ":1").split(":")[:3] for r in (args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)).split(",")]
+    if any(r[0] not in SHAPES or not r[2].isdigit() or not 1 <= int(r[2]) <= 2 for r in runs):
+        raise SystemExit(f"--runs: each is shape:quantization[:gpus] with a shape of {', '.join(SHAPES)} and 1 or 2 "
+                         f"GPUs, not {args.runs}")
+    if max(int(r[2]) for r in runs) > torch.cuda.device_count():
+        raise SystemExit(f"--runs asks for 2 GPUs; this machine has {torch.cuda.device_count()}")
     out = Path(args.json or Path(os.environ.get("OUT") or "perf/out") / "gpu_bench.json")
     out.parent.mkdir(parents=True, exist_ok=True)
 
     props = torch.cuda.get_device_properties(DEVICE)
-    machine = f"{props.name} ({props.total_memory / 2**30:.0f} GiB), {os.cpu_count()} CPU cores, torch {torch.__version__}"
+    machine = f"{torch.cuda.device_count()}x {props.name} ({props.total_memory / 2**30:.0f} GiB), {os.cpu_count()} " \
+              f"CPU cores, torch {torch.__version__}"
     report: dict = {"machine": machine, "date": str(date.today()), "platform": platform.platform(), "runs": []}
     report["copy_bandwidth_gb_s"] = copy_bandwidth() / 1e9
     log.info("copy bandwidth %.0f GB/s (read + write)", report["copy_bandwidth_gb_s"])
     report["graph_check_fp32"] = checked(fp32_graph_check, True)
     log.info("float32 CUDA-graph check: %s", report["graph_check_fp32"])
-    for shape, quantization in runs:
+    for shape, quantization, gpus in runs:
         try:
-            report["runs"].append(run_model(shape, quantization, report["copy_bandwidth_gb_s"] * 1e9, args.quick,
-                                            out.parent, args.paths.split(",")))
+            report["runs"].append(run_model(shape, quantization, int(gpus), report["copy_bandwidth_gb_s"] * 1e9,
+                                            args.quick, out.parent, args.paths.split(",")))
         except Exception as e:  # the other runs' figures still count
             log.exception("%s %s failed", shape, quantization)
             report["runs"].append({"shape": shape, "quantization": quantization, "error": f"{type(e).__name__}: {e}"})
         out.write_text(json.dumps(report, indent=2))
 
     print(f"\n{machine}; {report['date']}; device-to-device copy {report['copy_bandwidth_gb_s']:.0f} GB/s "
-          f"(read + write); prompt {PROMPT_TOKENS} tokens, batch 1; swarm = 2 workers on the same GPU + client")
+          f"(read + write), of one GPU; prompt {PROMPT_TOKENS} tokens, batch 1; transformers on one GPU; swarm = 2 "
+          f"workers + client")
     check = report["graph_check_fp32"]
     if "error" in check:
         print(f"CUDA-graph decode vs eager, float32: FAILED {check['error']}")
@@ -455,7 +487,8 @@ def main() -> None:
             continue
         print(f"\n{name}: {r['decode_bytes'] / 1e9:.1f} GB of weights read per decode step, floor "
               f"{r['floor_steps_s']:.0f} steps/s; transformers eager generate() {r['local']['decode_steps_s']:.1f} "
-              f"steps/s ({r['local']['floor_share']:.0%} of the floor)")
+              f"steps/s ({r['local']['floor_share']:.0%} of the floor); swarm workers on "
+              f"{' and '.join(next(iter(r['paths'].values()))['worker_devices'])}")
         g = r.get("graph_check_bf16", {})
         if "error" in g:
             print(f"  in-process CUDA-graph check FAILED: {g['error']}")

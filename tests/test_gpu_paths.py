@@ -4,6 +4,8 @@ perf/gpu_bench.py (greedy tokens of the graph path equal to eager ones)."""
 from __future__ import annotations
 
 import builtins
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,6 +59,21 @@ def test_quantization_needs_a_cuda_device(quantization):
 def test_decode_step_compiles_by_default_only_where_shown_token_identical(quantization, setting, compiles):
     config = WorkerConfig.load(model="/models/x", quantization=quantization, device="cuda:0", compile_decode=setting)
     assert config.compiles_decode is compiles
+
+
+def test_a_device_torch_cannot_name_is_refused():
+    with pytest.raises(ConfigError, match="device must be a torch device"):
+        WorkerConfig.load(model="/models/x", device="gpu7")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="needs a machine without a second GPU")
+def test_worker_on_a_gpu_the_machine_lacks_says_so_in_one_line(tiny_llama_folder):
+    res = subprocess.run([sys.executable, "-m", "corolla", "worker", "--model", tiny_llama_folder, "--blocks", "0:2",
+                          "--device", "cuda:1", "--no-mdns", "--port", "0"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines()[-1] == \
+        f"corolla worker: device 'cuda:1': this machine has {torch.cuda.device_count()} CUDA GPU(s)"
 
 
 def test_unknown_quantization_is_refused():

@@ -38,7 +38,8 @@ class _Job:
 
 
 class PriorityExecutor:
-    def __init__(self, name: str = "corolla-compute", max_queue: int = 1024, max_batch: int = 1):
+    def __init__(self, name: str = "corolla-compute", max_queue: int = 1024, max_batch: int = 1,
+                 initializer: Callable[[], None] | None = None):
         self._heap: list[tuple[int, int, _Job]] = []
         self._ready = threading.Condition()
         self._order = itertools.count()
@@ -47,6 +48,7 @@ class PriorityExecutor:
         # called from the compute thread after each pass with its priority and seconds: what a request's time from
         # receipt to reply spends computing, as opposed to waiting in the queue or being handed between threads
         self.observer: Callable[[int, float], None] | None = None
+        self._initializer = initializer  # run first on the compute thread (per-thread state such as the CUDA device)
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -101,6 +103,8 @@ class PriorityExecutor:
             return priority, jobs
 
     def _run(self) -> None:
+        if self._initializer is not None:
+            self._initializer()
         while True:
             priority, jobs = self._take()
             if jobs[0].fn is None:

@@ -105,6 +105,10 @@ class WorkerConfig:
         for key in ("port", "metrics_port"):
             if not 0 <= int(getattr(self, key)) < 65536:
                 raise ConfigError(f"{key} {getattr(self, key)} is out of range")
+        try:
+            torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ConfigError(f"device must be a torch device such as cpu, cuda or cuda:1, not {self.device!r}") from None
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
         if self.quantization != "none" and torch.device(self.device).type != "cuda":

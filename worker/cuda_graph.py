@@ -67,6 +67,14 @@ class StaticSpanCache(Cache):
                 layer.truncate(length if length >= 0 else max(int(layer.get_seq_length()) + length, 0))
 
 
+def make_current(device: torch.device) -> None:
+    """Make `device` the calling thread's current CUDA device. CUDA keeps the current device per thread, and graph
+    capture streams and argument-less synchronizes use it: a worker on cuda:1 whose compute thread left it at cuda:0
+    would capture its graphs on cuda:0's stream (an empty graph) and open a context on a GPU it does not use."""
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+
+
 class DecodeGraph:
     """One session's single-token step over its static cache, captured once and replayed for every token."""
 

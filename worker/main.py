@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from corolla.bus.server import Server
 from corolla.models.registry import family_for
 from corolla.worker.adapters import AdapterSet
 from corolla.worker.config import ConfigError, WorkerConfig
+from corolla.worker.cuda_graph import make_current
 from corolla.worker.loader import load_config, load_span
 from corolla.worker.metrics import WorkerMetrics
 from corolla.worker.random_weights import random_span
@@ -41,6 +43,11 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     """Run one worker until SIGTERM/SIGINT; `ready(service, endpoint)` is called once it answers requests."""
     if config.threads:
         torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"device {config.device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    make_current(device)  # CUDA's current device is per thread: this one's and the loader threads'
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(initializer=make_current, initargs=(device,)))
     model_config = load_config(config.model)
     model_id = config.model_id or Path(config.model).resolve().name
     membership = SwarmMembership(config, model_id, model_config.num_hidden_layers)

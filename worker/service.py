@@ -25,7 +25,7 @@ from corolla.worker.adapters import AdapterSet
 from corolla.worker.batching import Row, groups, joinable, step_together
 from corolla.worker.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, PRIORITY_TRAINING, PriorityExecutor
 from corolla.worker.config import WorkerConfig
-from corolla.worker.cuda_graph import GraphDecoder
+from corolla.worker.cuda_graph import GraphDecoder, make_current
 from corolla.worker.kv_cache import Session, SessionTable
 from corolla.worker.push import Mailbox, Pusher
 
@@ -46,7 +46,8 @@ class WorkerService:
         self.peer_id = uuid.uuid4().hex[:16]
         self.sessions = SessionTable(config.cache_tokens, config.idle_timeout)
         self.adapters = adapters
-        self.compute = PriorityExecutor(max_queue=config.max_queue, max_batch=config.max_decode_batch)
+        self.compute = PriorityExecutor(max_queue=config.max_queue, max_batch=config.max_decode_batch,
+                                        initializer=lambda: make_current(self.device))
         self.batched_steps = 0  # steps that ran in one pass with other sessions' steps
         self.decode_batches = 0  # such passes
         self.graphs = (GraphDecoder(span, start, end, hidden_size, self.dtype, self.device, config.compiles_decode)
