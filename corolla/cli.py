@@ -59,9 +59,8 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_const", const=False,
                         help="CUDA: run single-token steps eagerly instead of replaying CUDA graphs")
     worker.add_argument("--compile-decode", action="store_const", const=True,
-                        help="CUDA: compile the decode step before capturing it (fewer, fused kernels)")
-    worker.add_argument("--no-compile-decode", dest="compile_decode", action="store_const", const=False,
-                        help="CUDA: capture the eager decode step without compiling it")
+                        help="CUDA: compile the decode step before capturing it (fused kernels, faster; its rounding "
+                             "can change tokens against transformers')")
     worker.set_defaults(run=_worker)
 
     keygen = commands.add_parser("keygen", help="create a private swarm's secret key file")

@@ -347,7 +347,7 @@ def swarm_path(path: str, config, folder: str, quantization: str, gpus: int, pro
     devices = [f"cuda:{k % gpus}" for k in range(2)]
     common = ["--model", folder, "--dtype", "bfloat16", "--random-weights", "--seed",
               str(SEED), "--quantization", quantization, "--no-mdns", "--throughput", "1",
-              "--compile-decode" if path == "compiled" else "--no-compile-decode"]
+              *(["--compile-decode"] if path == "compiled" else [])]
     spans = [f"0:{half}", f"{half}:{config.num_hidden_layers}"]
     name = f"{config.num_hidden_layers}x{config.hidden_size}_{quantization}_{path}"
     log.info("%s: starting 2 workers on %s", name, ", ".join(devices))

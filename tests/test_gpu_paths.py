@@ -53,12 +53,12 @@ def test_quantization_needs_a_cuda_device(quantization):
     WorkerConfig.load(model="/models/x", quantization=quantization, device="cuda:0")  # valid where CUDA is
 
 
-@pytest.mark.parametrize("quantization, setting, compiles", [("none", None, True), ("nf4", None, False),
-                                                             ("int8", None, False), ("none", False, False),
-                                                             ("nf4", True, True)])
-def test_decode_step_compiles_by_default_only_where_shown_token_identical(quantization, setting, compiles):
-    config = WorkerConfig.load(model="/models/x", quantization=quantization, device="cuda:0", compile_decode=setting)
-    assert config.compiles_decode is compiles
+@pytest.mark.parametrize("quantization", ["none", "int8", "nf4"])
+def test_decode_step_is_compiled_only_when_asked(quantization):
+    """A compiled step rounds differently from transformers' eager one (tokens parted at the 70B shape)."""
+    assert not WorkerConfig.load(model="/models/x", quantization=quantization, device="cuda:0").compile_decode
+    assert WorkerConfig.load(model="/models/x", quantization=quantization, device="cuda:0", compile_decode=True
+                             ).compile_decode
 
 
 def test_a_device_torch_cannot_name_is_refused():

@@ -50,7 +50,7 @@ class WorkerService:
                                         initializer=lambda: make_current(self.device))
         self.batched_steps = 0  # steps that ran in one pass with other sessions' steps
         self.decode_batches = 0  # such passes
-        self.graphs = (GraphDecoder(span, start, end, hidden_size, self.dtype, self.device, config.compiles_decode)
+        self.graphs = (GraphDecoder(span, start, end, hidden_size, self.dtype, self.device, config.compile_decode)
                        if self.device.type == "cuda" and config.cuda_graphs and adapters is None else None)
         self.started = time.time()
         self._extra: dict[type, Callable[[Any], Awaitable[Any]]] = {}
