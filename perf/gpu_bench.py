@@ -15,7 +15,11 @@ step (from its metrics: the rest is client and bus), greedy tokens equal to
 transformers', and drift teacher-forced on transformers' tokens (top-1
 agreement, logits error); forward tokens/s (batch 1 and 64, 128 tokens) on the
 first path. Decode steps/s are also given as a share of the memory-bandwidth
-floor: measured copy bandwidth / bytes of weights one decode step reads. It
+floor: measured copy bandwidth / bytes of weights one decode step reads (with
+one worker per GPU a step still reads each byte once, half on each GPU in turn,
+so the floor is one GPU's). Forward tokens/s are given as a share of their
+roofline: a pass reads every weight once and does every token's multiply-adds
+at the measured bf16 matrix-product rate, so it takes at least the longer. It
 also checks the CUDA-graph decode path against the eager one in process:
 greedy tokens identical in float32, hidden states close in bf16 (the run fails
 otherwise). Prints a table last and writes JSON ($OUT/gpu_bench.json when OUT
@@ -50,6 +54,7 @@ PROMPT_TOKENS, NEW_TOKENS = 128, 64
 FORWARD_BATCHES, FORWARD_TOKENS = (1, 64), 128
 COPY_BYTES = 2 << 30  # per buffer: far beyond the L2 cache
 COPY_REPEATS = 20
+MATMUL_SIZE, MATMUL_REPEATS = 8192, 10
 SHAPES = {  # LlamaConfig keywords
     "llama3-8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                       intermediate_size=14336, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192),
@@ -124,6 +129,38 @@ def copy_bandwidth() -> float:
     del src, dst
     torch.cuda.empty_cache()
     return 2 * COPY_BYTES / statistics.median(times)
+
+
+def matmul_flops() -> float:
+    """A large bf16 matrix product on random data, floating-point operations per second (median of timed ones)."""
+    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(MATMUL_REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    torch.cuda.empty_cache()
+    return 2 * MATMUL_SIZE ** 3 / statistics.median(times)
+
+
+def linear_flops_per_token(model) -> int:
+    """Multiply-adds of every linear layer (blocks and LM head) for one token, as operations; attention over a
+    128-token context adds about 0.1% at these shapes and is left out."""
+    return sum(2 * m.in_features * m.out_features for m in model.modules() if isinstance(m, torch.nn.Linear))
+
+
+def forward_floor(tokens: int, weight_bytes: int, flops_per_token: int, bandwidth: float, flops: float
+                  ) -> tuple[float, str]:
+    """Roofline tokens/s of one forward pass over `tokens` tokens: it reads every weight once and does every
+    token's multiply-adds, so it takes at least the longer of the two; and which one bounds it."""
+    read, compute = weight_bytes / bandwidth, tokens * flops_per_token / flops
+    return tokens / max(read, compute), "bandwidth" if read >= compute else "compute"
 
 
 def timed_generate(model, prompt, n: int) -> tuple[float, torch.Tensor]:
@@ -385,7 +422,7 @@ def swarm_path(path: str, config, folder: str, quantization: str, gpus: int, pro
     return result
 
 
-def run_model(shape: str, quantization: str, gpus: int, bandwidth: float, quick: bool, logs: Path,
+def run_model(shape: str, quantization: str, gpus: int, bandwidth: float, flops: float, quick: bool, logs: Path,
               paths: list[str]) -> dict:
     from transformers import LlamaForCausalLM
 
@@ -399,6 +436,12 @@ def run_model(shape: str, quantization: str, gpus: int, bandwidth: float, quick:
     local = random_causal_lm(LlamaForCausalLM, config, DTYPE, quantization)
     result["decode_bytes"] = decode_bytes(local)
     result["floor_steps_s"] = bandwidth / result["decode_bytes"]
+    flops_per_token = linear_flops_per_token(local)
+    for b in FORWARD_BATCHES:
+        # the swarm's micro-batches (at most one a row) can keep all its GPUs busy at once: its floor counts them
+        result[f"forward_floor_b{b}"] = {side: forward_floor(b * FORWARD_TOKENS, result["decode_bytes"],
+                                                             flops_per_token, n * bandwidth, n * flops)
+                                         for side, n in (("local", 1), ("swarm", min(gpus, b)))}
     with torch.inference_mode():
         log.info("%s %s: transformers decode", shape, quantization)
         steps_s, _ = decode(local, prompt, new_tokens, 1)
@@ -433,46 +476,9 @@ def run_model(shape: str, quantization: str, gpus: int, bandwidth: float, quick:
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a small model and few tokens: check every path fast")
-    parser.add_argument("--runs", help=f"shape:quantization[:gpus],... (default {DEFAULT_RUNS}; --quick: "
-                        f"{QUICK_RUNS}); gpus 2: one worker per GPU, else both on the first")
-    parser.add_argument("--json", help="where to write the figures (default $OUT/gpu_bench.json or perf/out/)")
-    parser.add_argument("--paths", default=",".join(DECODE_PATHS),
-                        help="workers' decode paths to measure: graph (CUDA graphs of the eager step), compiled")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if not torch.cuda.is_available():
-        raise SystemExit("gpu_bench needs a CUDA GPU")
-    runs = [(r + ":1").split(":")[:3] for r in (args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)).split(",")]
-    if any(r[0] not in SHAPES or not r[2].isdigit() or not 1 <= int(r[2]) <= 2 for r in runs):
-        raise SystemExit(f"--runs: each is shape:quantization[:gpus] with a shape of {', '.join(SHAPES)} and 1 or 2 "
-                         f"GPUs, not {args.runs}")
-    if max(int(r[2]) for r in runs) > torch.cuda.device_count():
-        raise SystemExit(f"--runs asks for 2 GPUs; this machine has {torch.cuda.device_count()}")
-    out = Path(args.json or Path(os.environ.get("OUT") or "perf/out") / "gpu_bench.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    props = torch.cuda.get_device_properties(DEVICE)
-    machine = f"{torch.cuda.device_count()}x {props.name} ({props.total_memory / 2**30:.0f} GiB), {os.cpu_count()} " \
-              f"CPU cores, torch {torch.__version__}"
-    report: dict = {"machine": machine, "date": str(date.today()), "platform": platform.platform(), "runs": []}
-    report["copy_bandwidth_gb_s"] = copy_bandwidth() / 1e9
-    log.info("copy bandwidth %.0f GB/s (read + write)", report["copy_bandwidth_gb_s"])
-    report["graph_check_fp32"] = checked(fp32_graph_check, True)
-    log.info("float32 CUDA-graph check: %s", report["graph_check_fp32"])
-    for shape, quantization, gpus in runs:
-        try:
-            report["runs"].append(run_model(shape, quantization, int(gpus), report["copy_bandwidth_gb_s"] * 1e9,
-                                            args.quick, out.parent, args.paths.split(",")))
-        except Exception as e:  # the other runs' figures still count
-            log.exception("%s %s failed", shape, quantization)
-            report["runs"].append({"shape": shape, "quantization": quantization, "error": f"{type(e).__name__}: {e}"})
-        out.write_text(json.dumps(report, indent=2))
-
-    print(f"\n{machine}; {report['date']}; device-to-device copy {report['copy_bandwidth_gb_s']:.0f} GB/s "
-          f"(read + write), of one GPU; prompt {PROMPT_TOKENS} tokens, batch 1; transformers on one GPU; swarm = 2 "
+def print_report(report: dict) -> None:
+    print(f"\n{report['machine']}; {report['date']}; device-to-device copy {report['copy_bandwidth_gb_s']:.0f} GB/s "
+          f"(read + write) and a bf16 matrix product {report['matmul_tflops']:.0f} TFLOP/s, of one GPU; prompt {PROMPT_TOKENS} tokens, batch 1; transformers on one GPU; swarm = 2 "
           f"workers + client")
     check = report["graph_check_fp32"]
     if "error" in check:
@@ -514,10 +520,56 @@ def main() -> None:
                   f"{d['max_rel_err']:15.1e}")
             for note in p["worker_notes"]:
                 print(f"    worker: {note}")
-        print(f"  {'forward tokens/s':30} {'transformers':>12} {'swarm':>10}")
+        print(f"  {'forward tokens/s (% of roofline floor, bound by)':52} {'transformers':>26} {'swarm':>26}")
         for b in FORWARD_BATCHES:
-            key = f"forward_b{b}_tok_s"
-            print(f"  {f'{b} x {FORWARD_TOKENS}':30} {r['local'][key]:12.1f} {r['swarm'][key]:10.1f}")
+            key, floors = f"forward_b{b}_tok_s", r[f"forward_floor_b{b}"]
+            print(f"  {f'{b} x {FORWARD_TOKENS}':52} " + " ".join(
+                f"{f'{r[side][key]:,.0f} ({r[side][key] / floors[side][0]:.0%}, {floors[side][1]})':>26}"
+                for side in ("local", "swarm")))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small model and few tokens: check every path fast")
+    parser.add_argument("--runs", help=f"shape:quantization[:gpus],... (default {DEFAULT_RUNS}; --quick: "
+                        f"{QUICK_RUNS}); gpus 2: one worker per GPU, else both on the first")
+    parser.add_argument("--json", help="where to write the figures (default $OUT/gpu_bench.json or perf/out/)")
+    parser.add_argument("--paths", default=",".join(DECODE_PATHS),
+                        help="workers' decode paths to measure: graph (CUDA graphs of the eager step), compiled")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_bench needs a CUDA GPU")
+    runs = [(r + ":1").split(":")[:3] for r in (args.runs or (QUICK_RUNS if args.quick else DEFAULT_RUNS)).split(",")]
+    if any(r[0] not in SHAPES or not r[2].isdigit() or not 1 <= int(r[2]) <= 2 for r in runs):
+        raise SystemExit(f"--runs: each is shape:quantization[:gpus] with a shape of {', '.join(SHAPES)} and 1 or 2 "
+                         f"GPUs, not {args.runs}")
+    if max(int(r[2]) for r in runs) > torch.cuda.device_count():
+        raise SystemExit(f"--runs asks for 2 GPUs; this machine has {torch.cuda.device_count()}")
+    out = Path(args.json or Path(os.environ.get("OUT") or "perf/out") / "gpu_bench.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    props = torch.cuda.get_device_properties(DEVICE)
+    machine = f"{torch.cuda.device_count()}x {props.name} ({props.total_memory / 2**30:.0f} GiB), {os.cpu_count()} " \
+              f"CPU cores, torch {torch.__version__}"
+    report: dict = {"machine": machine, "date": str(date.today()), "platform": platform.platform(), "runs": []}
+    report["copy_bandwidth_gb_s"] = copy_bandwidth() / 1e9
+    log.info("copy bandwidth %.0f GB/s (read + write)", report["copy_bandwidth_gb_s"])
+    report["matmul_tflops"] = matmul_flops() / 1e12
+    log.info("bf16 matrix product %.0f TFLOP/s", report["matmul_tflops"])
+    report["graph_check_fp32"] = checked(fp32_graph_check, True)
+    log.info("float32 CUDA-graph check: %s", report["graph_check_fp32"])
+    for shape, quantization, gpus in runs:
+        try:
+            report["runs"].append(run_model(shape, quantization, int(gpus), report["copy_bandwidth_gb_s"] * 1e9,
+                                            report["matmul_tflops"] * 1e12, args.quick, out.parent,
+                                            args.paths.split(",")))
+        except Exception as e:  # the other runs' figures still count
+            log.exception("%s %s failed", shape, quantization)
+            report["runs"].append({"shape": shape, "quantization": quantization, "error": f"{type(e).__name__}: {e}"})
+        out.write_text(json.dumps(report, indent=2))
+
+    print_report(report)
     print(f"\nfigures written to {out}")
     failed = [c for c in [report["graph_check_fp32"], *(r.get("graph_check_bf16") for r in report["runs"])]
               if c is not None and not c["passed"]] + [r for r in report["runs"] if "error" in r]
