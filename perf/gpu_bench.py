@@ -478,8 +478,8 @@ def run_model(shape: str, quantization: str, gpus: int, bandwidth: float, flops:
 
 def print_report(report: dict) -> None:
     print(f"\n{report['machine']}; {report['date']}; device-to-device copy {report['copy_bandwidth_gb_s']:.0f} GB/s "
-          f"(read + write) and a bf16 matrix product {report['matmul_tflops']:.0f} TFLOP/s, of one GPU; prompt {PROMPT_TOKENS} tokens, batch 1; transformers on one GPU; swarm = 2 "
-          f"workers + client")
+          f"(read + write) and a bf16 matrix product {report['matmul_tflops']:.0f} TFLOP/s, of one GPU; prompt "
+          f"{PROMPT_TOKENS} tokens, batch 1; transformers on one GPU; swarm = 2 workers + client")
     check = report["graph_check_fp32"]
     if "error" in check:
         print(f"CUDA-graph decode vs eager, float32: FAILED {check['error']}")

@@ -108,7 +108,8 @@ class WorkerConfig:
         try:
             torch.device(self.device)
         except (RuntimeError, TypeError):
-            raise ConfigError(f"device must be a torch device such as cpu, cuda or cuda:1, not {self.device!r}") from None
+            raise ConfigError(f"device must be a torch device such as cpu, cuda or cuda:1, not {self.device!r}"
+                              ) from None
         if self.quantization not in QUANTIZATIONS:
             raise ConfigError(f"quantization must be one of {', '.join(QUANTIZATIONS)}, not {self.quantization!r}")
         if self.quantization != "none" and torch.device(self.device).type != "cuda":
