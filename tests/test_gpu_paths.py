@@ -16,6 +16,7 @@ from corolla.client.families import DistributedLlamaForCausalLM
 from corolla.worker.config import ConfigError, WorkerConfig
 from corolla.worker.cuda_graph import GraphDecoder, StaticSpanCache
 from corolla.worker.launcher import LocalSwarm
+from corolla.worker.memory import check_fits, span_bytes
 from corolla.worker.quantize import quantize_linears, weight_bytes
 from corolla.worker.random_weights import RANDOM_STD, random_span
 from tests.conftest import worker_args
@@ -59,6 +60,25 @@ def test_decode_step_is_compiled_only_when_asked(quantization):
     assert not WorkerConfig.load(model="/models/x", quantization=quantization, device="cuda:0").compile_decode
     assert WorkerConfig.load(model="/models/x", quantization=quantization, device="cuda:0", compile_decode=True
                              ).compile_decode
+
+
+def test_span_size_from_the_config_alone_matches_the_built_span():
+    config = tiny_config()
+    weights, per_token = span_bytes(config, 1, 3, torch.float32, "none")
+    assert weights == weight_bytes(random_span(config, 1, 3, torch.float32, "cpu").layers)
+    assert per_token == 2 * 2 * (HIDDEN // 4) * 4 * 2  # k and v, 2 KV heads of 16, float32, 2 blocks
+    nf4, _ = span_bytes(config, 1, 3, torch.bfloat16, "nf4")
+    int8, _ = span_bytes(config, 1, 3, torch.bfloat16, "int8")
+    assert nf4 < int8 < weights / 2  # bf16 is half of float32; int8 half again; nf4 about half of that
+
+
+def test_a_span_that_cannot_fit_its_gpu_is_refused_before_loading():
+    config = tiny_config()
+    weights, per_token = span_bytes(config, 0, 4, torch.bfloat16, "none")
+    check_fits(config, 0, 4, torch.bfloat16, "none", 100, weights + 100 * per_token, "cuda:0")
+    with pytest.raises(ConfigError, match=r"blocks 0:4 need .* GiB of weights .* KV cache for cache_tokens 101, "
+                                          r"but cuda:0 has .* GiB free"):
+        check_fits(config, 0, 4, torch.bfloat16, "none", 101, weights + 100 * per_token, "cuda:0")
 
 
 def test_a_device_torch_cannot_name_is_refused():

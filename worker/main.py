@@ -16,6 +16,7 @@ from corolla.worker.adapters import AdapterSet
 from corolla.worker.config import ConfigError, WorkerConfig
 from corolla.worker.cuda_graph import make_current
 from corolla.worker.loader import load_config, load_span
+from corolla.worker.memory import check_fits
 from corolla.worker.metrics import WorkerMetrics
 from corolla.worker.random_weights import random_span
 from corolla.worker.service import WorkerService
@@ -54,12 +55,19 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     start, end = choose_span(config, model_config.num_hidden_layers)
     if config.span() is None:  # only a number of blocks: take those the swarm serves worst
         start, end = await membership.choose_span(end - start)
-    if config.random_weights:  # benchmarks only: shapes from config.json, no checkpoint
-        span = await asyncio.to_thread(random_span, model_config, start, end, config.torch_dtype, config.device,
-                                       config.quantization, config.seed)
-    else:
-        span = await asyncio.to_thread(load_span, config.model, start, end, config.torch_dtype, config.device,
-                                       quantization=config.quantization)
+    if device.type == "cuda":
+        check_fits(model_config, start, end, config.torch_dtype, config.quantization, config.cache_tokens,
+                   torch.cuda.mem_get_info(device)[0], config.device)
+    try:
+        if config.random_weights:  # benchmarks only: shapes from config.json, no checkpoint
+            span = await asyncio.to_thread(random_span, model_config, start, end, config.torch_dtype, config.device,
+                                           config.quantization, config.seed)
+        else:
+            span = await asyncio.to_thread(load_span, config.model, start, end, config.torch_dtype, config.device,
+                                           quantization=config.quantization)
+    except torch.OutOfMemoryError:  # another process took the memory meanwhile
+        raise ConfigError(f"{config.device} ran out of memory loading blocks {start}:{end}: serve fewer blocks, "
+                          f"lower cache_tokens or quantize") from None
     adapters = AdapterSet(span, family_for(model_config).block_prefix, config.adapters) if config.adapters else None
     security = Security.from_file(config.swarm_key)
     service = WorkerService(span, config, model_id, model_config.num_hidden_layers, start, end,
