@@ -182,8 +182,12 @@ def decode(model, prompt, new_tokens: int, repeats: int) -> tuple[float, torch.T
     return 1.0 / best, tokens
 
 
+def forward_ids(batch: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, FORWARD_TOKENS), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+
 def forward_tokens_per_s(model, batch: int, vocab: int, repeats: int) -> float:
-    ids = torch.randint(0, vocab, (batch, FORWARD_TOKENS), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    ids = forward_ids(batch, vocab)
     model(ids[:1, :8])  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -365,6 +369,19 @@ def worker_step_ms(model, prompt, new_tokens: int, ports: list[int]) -> list[flo
     return [1e3 * ((m[0] - b[0]) - (a[0] - m[0])) / new_tokens for b, m, a in zip(before, middle, after)]
 
 
+def forward_split(model, ids: torch.Tensor, ports: list[int]) -> dict:
+    """One more (warm) forward through the swarm: its time and each worker's compute in it, all passes summed (the
+    rest is the client, the bus and the workers' hand-offs)."""
+    series = ("corolla_worker_compute_seconds", 'queue="forward"')
+    before = step_seconds(ports, *series)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    model(ids)
+    torch.cuda.synchronize()
+    ms = 1e3 * (time.perf_counter() - started)
+    return {"ms": ms, "worker_compute_ms": [1e3 * (a[0] - b[0]) for a, b in zip(step_seconds(ports, *series), before)]}
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -410,6 +427,7 @@ def swarm_path(path: str, config, folder: str, quantization: str, gpus: int, pro
                     for b in FORWARD_BATCHES:
                         log.info("%s: forward batch %d", name, b)
                         result[f"forward_b{b}_tok_s"] = forward_tokens_per_s(client, b, config.vocab_size, 2)
+                        result[f"forward_b{b}_split"] = forward_split(client, forward_ids(b, config.vocab_size), ports)
         finally:
             for i, w in enumerate(swarm.workers):
                 (logs / f"worker{i}_{name}.log").write_text("".join(w.output))
@@ -526,6 +544,11 @@ def print_report(report: dict) -> None:
             print(f"  {f'{b} x {FORWARD_TOKENS}':52} " + " ".join(
                 f"{f'{r[side][key]:,.0f} ({r[side][key] / floors[side][0]:.0%}, {floors[side][1]})':>26}"
                 for side in ("local", "swarm")))
+            split = next(iter(r["paths"].values())).get(f"forward_b{b}_split")
+            if split:
+                print(f"    one swarm forward {split['ms']:.1f} ms, its workers computing "
+                      f"{' + '.join(f'{c:.1f}' for c in split['worker_compute_ms'])} ms; transformers "
+                      f"{1e3 * b * FORWARD_TOKENS / r['local'][key]:.1f} ms")
 
 
 def main() -> None:
