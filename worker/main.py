@@ -65,7 +65,7 @@ async def serve(config: WorkerConfig, ready=None) -> None:
         else:
             span = await asyncio.to_thread(load_span, config.model, start, end, config.torch_dtype, config.device,
                                            quantization=config.quantization)
-    except torch.OutOfMemoryError:  # another process took the memory meanwhile
+    except torch.OutOfMemoryError:  # the estimate fell short, or another process took the memory meanwhile
         raise ConfigError(f"{config.device} ran out of memory loading blocks {start}:{end}: serve fewer blocks, "
                           f"lower cache_tokens or quantize") from None
     adapters = AdapterSet(span, family_for(model_config).block_prefix, config.adapters) if config.adapters else None
