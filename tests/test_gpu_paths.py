@@ -1,6 +1,7 @@
 """What of the GPU paths runs without a GPU: random benchmark weights, quantization settings, device settings and
-whether a span fits its GPU, the static KV cache that CUDA-graph sessions use, and which sessions get it. The graphs themselves are checked on a GPU by
-perf/gpu_bench.py (greedy tokens of the graph path equal to eager ones)."""
+whether a span fits its GPU, the static KV cache that CUDA-graph sessions use, and which sessions get it. The
+graphs themselves are checked on a GPU by perf/gpu_bench.py (greedy tokens of the graph path equal to eager
+ones)."""
 from __future__ import annotations
 
 import builtins
