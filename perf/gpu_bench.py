@@ -28,7 +28,6 @@ is set) and the workers' logs beside it.
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import logging
@@ -111,42 +110,39 @@ def decode_bytes(model) -> int:
         base.embed_tokens.weight[0].numel() * base.embed_tokens.weight.element_size()
 
 
+def median_gpu_seconds(op, repeats: int) -> float:
+    """Median GPU time of `op()` between CUDA events, after three warm-up calls."""
+    for _ in range(3):
+        op()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        op()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read plus bytes written per second (median of timed copies)."""
     src = torch.randn(COPY_BYTES // 2, dtype=torch.bfloat16, device=DEVICE)
     dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    times = []
-    for _ in range(COPY_REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    seconds = median_gpu_seconds(lambda: dst.copy_(src), COPY_REPEATS)
     assert torch.equal(dst, src)
     del src, dst
     torch.cuda.empty_cache()
-    return 2 * COPY_BYTES / statistics.median(times)
+    return 2 * COPY_BYTES / seconds
 
 
 def matmul_flops() -> float:
     """A large bf16 matrix product on random data, floating-point operations per second (median of timed ones)."""
     a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, dtype=torch.bfloat16, device=DEVICE) for _ in range(2))
-    for _ in range(3):
-        a @ b
-    times = []
-    for _ in range(MATMUL_REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        a @ b
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    seconds = median_gpu_seconds(lambda: a @ b, MATMUL_REPEATS)
     del a, b
     torch.cuda.empty_cache()
-    return 2 * MATMUL_SIZE ** 3 / statistics.median(times)
+    return 2 * MATMUL_SIZE ** 3 / seconds
 
 
 def linear_flops_per_token(model) -> int:
