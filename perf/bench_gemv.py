@@ -6,11 +6,15 @@ per layer shape and over a whole block's linears (several blocks' worth of
 distinct weights, so nothing is served from L2), the effective bandwidth of:
 
 - bf16: cuBLAS through F.linear (what eager transformers runs);
-- nf4: bitsandbytes' 4-bit inference kernel, through the nf4 layers workers
-  load (worker/quantize.py).
+- nf4-bnb: bitsandbytes' 4-bit inference kernel (bitsandbytes' own layers);
+- nf4: Corolla's kernel (worker/nf4_gemv.py), through the nf4 layers workers
+  load (worker/quantize.py), on the same packed weights.
 
 The nf4 time per block, times the blocks of a 70B model, is most of the time
-of an nf4 worker's token: this is where a faster 4-bit kernel would show.
+of an nf4 worker's token: this is where a faster 4-bit kernel shows. Each nf4
+method's outputs are checked against the dequantized weights in float32 (the
+run fails beyond NF4_REL_TOLERANCE). --sweep times each configuration of
+Corolla's kernel on each layer shape alone, to choose them.
 
 Every method runs inside a CUDA graph, timed with CUDA events. Run on a GPU:
     python perf/bench_gemv.py --json gemv.json
@@ -29,6 +33,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from corolla.worker import nf4_gemv  # noqa: E402
 from corolla.worker.quantize import NF4, quantize_linears, weight_bytes  # noqa: E402
 from perf.gpu_bench import copy_bandwidth  # noqa: E402
 
@@ -40,7 +45,11 @@ SHAPES = {  # (out_features, in_features) of one block's linears: q, k, v, o, ga
     "llama3-8b": [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096),
                   (4096, 14336)],
 }
-METHODS = ("bf16", "nf4")
+METHODS = ("bf16", "nf4-bnb", "nf4")
+NF4_REL_TOLERANCE = 1e-2  # bf16 inputs and outputs, float32 sums: ~3e-3 expected
+SWEEP_BYTES = 1 << 30  # distinct weights per shape in a sweep, far beyond L2
+SWEEP_CONFIGS = [nf4_gemv.KernelConfig(rows, unroll, warps) for rows, unroll in
+                 ((1, 4), (1, 8), (2, 2), (2, 4), (4, 1), (4, 2), (4, 3), (8, 1), (8, 2)) for warps in (4, 8)]
 
 
 def layers(shapes: list[tuple[int, int]], blocks: int, device: torch.device) -> list[nn.Linear]:
@@ -88,12 +97,15 @@ def bench_model(name: str, blocks: int, methods: list[str], device: torch.device
     for method in methods:
         started = time.perf_counter()
         seq = nn.ModuleList(layers(shapes, blocks, device))
-        if method == "nf4":
-            quantize_linears(seq, NF4)
+        if method.startswith("nf4"):
+            quantize_linears(seq, NF4, own_kernel=method == "nf4")
         fn = functools.partial(run_all, seq)
         try:
             with torch.inference_mode():
                 outs = fn(x)
+                error = max(nf4_error(m, x, out) for m, out in zip(seq, outs)) if method.startswith("nf4") else 0.0
+                if error > NF4_REL_TOLERANCE:
+                    raise AssertionError(f"{method}: relative error {error:.2e} against the dequantized weights")
                 seconds = graph_time(fn, x)
         except Exception as e:  # one method failing should not hide the others' figures
             log.exception("%s %s failed", name, method)
@@ -101,12 +113,57 @@ def bench_model(name: str, blocks: int, methods: list[str], device: torch.device
             continue
         weight = weight_bytes(seq)
         row = {"model": name, "method": method, "blocks": blocks, "weight_bytes": weight,
-               "ms_per_block": 1e3 * seconds / blocks, "gbps": weight / seconds / 1e9,
+               "ms_per_block": 1e3 * seconds / blocks, "gbps": weight / seconds / 1e9, "rel_error": error,
                "setup_s": time.perf_counter() - started}
         print(json.dumps(row), flush=True)
         rows.append(row)
         del seq, fn, outs
         torch.cuda.empty_cache()
+    return rows
+
+
+def nf4_error(layer, x: torch.Tensor, out: torch.Tensor) -> float:
+    """‖out − x Wᵀ‖ / ‖x Wᵀ‖ with W the layer's nf4 weights dequantized, in float32."""
+    import bitsandbytes.functional as bnbf
+    w = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+    ref = x[..., :layer.in_features].float() @ w.t()
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def sweep(name: str, device: torch.device, copy: float) -> list[dict]:
+    """Each kernel configuration on each distinct layer shape of `name`, alone, over 1 GiB of distinct weights."""
+    rows = []
+    for n, k in dict.fromkeys(SHAPES[name]):
+        count = max(1, SWEEP_BYTES // (n * k // 2))
+        seq = nn.ModuleList(layers([(n, k)], count, device))
+        quantize_linears(seq, NF4)
+        x = torch.randn(k, dtype=torch.bfloat16, device=device)
+        ops = [nf4_gemv.operands(m.weight) for m in seq]
+        weight = weight_bytes(seq)
+        for config in SWEEP_CONFIGS:
+            if n % config.rows:
+                continue
+            kern = nf4_gemv.kernel(config, device)
+            out = torch.full((count, n), float("nan"), dtype=torch.bfloat16, device=device)
+
+            def run(x, kern=kern, out=out):
+                for i, o in enumerate(ops):
+                    kern(x, out[i], o)
+
+            with torch.inference_mode():
+                run(x)
+                error = nf4_error(seq[0], x, out[0])
+                seconds = graph_time(run, x)
+            row = {"model": name, "shape": [n, k], "config": config.name, "rel_error": error,
+                   "unwritten": int(out.isnan().sum()), "gbps": weight / seconds / 1e9}
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+        del seq, ops
+        torch.cuda.empty_cache()
+    print(f"\n{'shape':<14} {'best config':<24} {'GB/s':>7} {'% copy':>7}  (default {nf4_gemv.config_for(1 << 20).name})")
+    for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):
+        best = max((r for r in rows if tuple(r["shape"]) == shape), key=lambda r: r["gbps"])
+        print(f"{str(shape):<14} {best['config']:<24} {best['gbps']:7.0f} {100 * best['gbps'] * 1e9 / copy:6.0f}%")
     return rows
 
 
@@ -117,6 +174,7 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     parser.add_argument("--blocks", type=int, default=4, help="blocks of distinct weights (more than L2 holds)")
     parser.add_argument("--json", help="write the rows here")
+    parser.add_argument("--sweep", action="store_true", help="time every configuration of Corolla's nf4 kernel")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("this benchmark needs a CUDA GPU")
@@ -125,14 +183,19 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name()}  copy bandwidth {copy / 1e9:.0f} GB/s", flush=True)
     rows = []
     for name in args.models:
+        if args.sweep:
+            rows += sweep(name, device, copy)
+    for name in args.models:
         rows += bench_model(name, args.blocks, args.methods, device)
-    print(f"\n{'model':<12} {'method':<15} {'ms/block':>9} {'GB/s':>7} {'% copy':>7}")
+    print(f"\n{'model':<12} {'method':<15} {'ms/block':>9} {'GB/s':>7} {'% copy':>7} {'rel. error':>10}")
     for r in rows:
+        if "config" in r:
+            continue
         if "error" in r:
             print(f"{r['model']:<12} {r['method']:<15} {r['error'][:60]}")
         else:
             print(f"{r['model']:<12} {r['method']:<15} {r['ms_per_block']:9.3f} {r['gbps']:7.0f} "
-                  f"{100 * r['gbps'] * 1e9 / copy:6.0f}%")
+                  f"{100 * r['gbps'] * 1e9 / copy:6.0f}% {r['rel_error']:10.1e}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "copy_gbps": copy / 1e9, "torch": torch.__version__,

@@ -4,13 +4,19 @@ Batch-1 decoding reads every weight once per token, so its speed is set by
 weight bytes over memory bandwidth: nf4 reads ~4.1 bits a weight instead of 16.
 The swap happens block by block as weights are made or loaded, so a span never
 holds all of its 16-bit weights on the GPU at once. bitsandbytes' kernels need
-CUDA; asking for quantization on a CPU worker is a configuration error.
+CUDA; asking for quantization on a CPU worker is a configuration error. nf4
+layers run one-token products through Corolla's own kernel (worker/nf4_gemv.py),
+which reads the same weights at several times bitsandbytes' rate; everything
+else stays bitsandbytes'.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 from torch import nn
 
+from corolla.worker import nf4_gemv
 from corolla.worker.config import QUANTIZATIONS, ConfigError
 
 NONE, INT8, NF4 = QUANTIZATIONS
@@ -28,23 +34,24 @@ def _bitsandbytes():
     return bitsandbytes
 
 
-def quantize_linears(module: nn.Module, quantization: str) -> int:
-    """Replace every nn.Linear under `module` (weights already on the GPU) by its bitsandbytes twin; returns how many."""
+def quantize_linears(module: nn.Module, quantization: str, own_kernel: bool = True) -> int:
+    """Replace every nn.Linear under `module` (weights already on the GPU) by its bitsandbytes twin; returns how many.
+    `own_kernel=False` keeps bitsandbytes' kernel for one-token nf4 products too (the baseline benchmarks run)."""
     if quantization == NONE:
         return 0
     bnb = _bitsandbytes()
     targets = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear]
     for parent, name, linear in targets:
-        setattr(parent, name, _quantized(bnb, linear, quantization))
+        setattr(parent, name, _quantized(bnb, linear, quantization, own_kernel))
     return len(targets)
 
 
-def _quantized(bnb, linear: nn.Linear, quantization: str) -> nn.Module:
+def _quantized(bnb, linear: nn.Linear, quantization: str, own_kernel: bool) -> nn.Module:
     weight, bias = linear.weight.data, linear.bias
     device = weight.device
     if quantization == NF4:
-        layer = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=bias is not None,
+        layer = (_linear4bit_gemv(bnb) if own_kernel else bnb.nn.Linear4bit)(linear.in_features, linear.out_features, bias=bias is not None,
                                   compute_dtype=NF4_COMPUTE_DTYPE, quant_type="nf4", device="meta")
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
                                          module=layer)._quantize(device)
@@ -55,6 +62,21 @@ def _quantized(bnb, linear: nn.Linear, quantization: str) -> nn.Module:
     if bias is not None:
         layer.bias = nn.Parameter(bias.data, requires_grad=False)
     return layer
+
+
+@functools.cache
+def _linear4bit_gemv(bnb) -> type:
+    class Linear4bitGemv(bnb.nn.Linear4bit):
+        """bitsandbytes' nf4 layer, with one-token products (decode steps) on Corolla's kernel."""
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if (x.numel() == self.in_features and x.dtype == torch.bfloat16 and nf4_gemv.supports(self.weight)
+                    and not (x.requires_grad and torch.is_grad_enabled())):
+                out = nf4_gemv.gemv(x, self.weight)
+                return out if self.bias is None else out + self.bias.to(out.dtype)
+            return super().forward(x)
+
+    return Linear4bitGemv
 
 
 def weight_bytes(module: nn.Module) -> int:
