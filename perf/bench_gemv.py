@@ -48,8 +48,9 @@ SHAPES = {  # (out_features, in_features) of one block's linears: q, k, v, o, ga
 METHODS = ("bf16", "nf4-bnb", "nf4")
 NF4_REL_TOLERANCE = 1e-2  # bf16 inputs and outputs, float32 sums: ~3e-3 expected
 SWEEP_BYTES = 1 << 30  # distinct weights per shape in a sweep, far beyond L2
-SWEEP_CONFIGS = [nf4_gemv.KernelConfig(rows, unroll, warps) for rows, unroll in
-                 ((1, 4), (1, 8), (2, 2), (2, 4), (4, 1), (4, 2), (4, 3), (8, 1), (8, 2)) for warps in (4, 8)]
+SWEEP_CONFIGS = [nf4_gemv.KernelConfig(rows, unroll, 8, half)
+                 for rows, unroll in ((1, 4), (1, 8), (2, 4), (4, 2), (4, 4), (8, 2)) for half in (True, False)]
+SWEEP_CONFIGS.append(nf4_gemv.KernelConfig(4, 2, 4, True))
 
 
 def layers(shapes: list[tuple[int, int]], blocks: int, device: torch.device) -> list[nn.Linear]:

@@ -98,7 +98,7 @@ def random_causal_lm(cls, config, dtype: torch.dtype, quantization: str):
         base.rotary_emb = type(base.rotary_emb)(config=config)
     for i, layer in enumerate(base.layers if isinstance(base.layers, torch.nn.ModuleList) else ()):
         fill_random_(layer, block_generator(SEED, i, DEVICE), dtype, DEVICE)
-        quantize_linears(layer, quantization)
+        quantize_linears(layer, quantization, own_kernel=False)  # the baseline: bitsandbytes as it is
     return model.eval()
 
 

@@ -1,17 +1,15 @@
 // y = W x for one token, W in bitsandbytes' nf4 layout: the batch-1 decode step's matrix-vector products.
 //
 // A decode step reads every weight once, so this kernel exists to read them at memory bandwidth. nf4's 16
-// levels are not evenly spaced: every weight needs a table lookup. One lookup per packed byte (two weights) in a
-// 256-entry table of float32 level pairs: the table is replicated per lane and laid out [entry][lane], so the
-// 32 lanes of a warp always hit different banks whatever bytes they hold, and one byte permute turns a packed
-// byte and the lane into the entry's offset. A byte then costs that permute, an add, one shared-memory load and
-// two FMAs. Each warp computes ROWS rows at once, so every activation it loads serves ROWS rows, and keeps
-// UNROLL chunks of loads in flight at all times (a ring: a chunk's slot is refilled as soon as it is used, across
-// rows too), so memory latency hides behind the arithmetic. A block's scale multiplies its partial sum once; the
-// double-quantized scales' codes sit in shared memory beside the table. Sums are float32; inputs and outputs
-// bfloat16.
+// levels are not evenly spaced: every weight needs a table lookup. A lookup per packed byte (two weights) in a
+// 256-entry table of level pairs costs a byte extract, an address and one shared-memory load; the table is
+// replicated per lane and laid out [entry][lane], so the 32 lanes of a warp always hit 32 different banks
+// whatever bytes they hold. Each warp computes ROWS rows at once, so every activation it loads serves ROWS
+// rows, and issues UNROLL x ROWS 16-byte weight loads before using the first, to keep enough bytes in flight.
+// A block's scale multiplies its partial sum once. Sums are float32; inputs and outputs bfloat16.
 //
-// Compiled at run time by NVRTC (no CUDA headers needed) with NAME, ROWS, UNROLL and WARPS defined.
+// The scales' codes sit in shared memory beside the table, so decoding a block's scale costs no global load.
+// Compiled at run time by NVRTC (no CUDA headers needed) with NAME, ROWS, UNROLL, WARPS and LUT_HALF defined.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -38,19 +36,41 @@ __device__ __forceinline__ uint4 load_stream(const uint4* p) {  // weights are r
     return v;
 }
 
-// One 16-byte chunk of a row against its 32 activations: the sum before the block scale. `table` is the
-// table's address; `lane8` is lane * 8, the lane's copy within an entry (entries are LANES x 8 = 256 bytes).
-__device__ __forceinline__ float chunk_dot(const unsigned char* table, u32 lane8, uint4 w, const u32* xs) {
+#if LUT_HALF
+typedef u32 entry_t;  // two fp16 levels
+__device__ __forceinline__ float2 levels(entry_t e) {
+    float2 f;
+    asm("{.reg .b16 lo, hi; mov.b32 {lo, hi}, %2; cvt.f32.f16 %0, lo; cvt.f32.f16 %1, hi;}"
+        : "=f"(f.x), "=f"(f.y) : "r"(e));
+    return f;
+}
+__device__ __forceinline__ entry_t make_entry(float hi_nibble, float lo_nibble) {
+    u16 a, b;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(a) : "f"(hi_nibble));
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(b) : "f"(lo_nibble));
+    return (u32)a | ((u32)b << 16);
+}
+#else
+typedef float2 entry_t;  // two fp32 levels
+__device__ __forceinline__ float2 levels(entry_t e) { return e; }
+__device__ __forceinline__ entry_t make_entry(float hi_nibble, float lo_nibble) {
+    float2 e;
+    e.x = hi_nibble;
+    e.y = lo_nibble;
+    return e;
+}
+#endif
+
+// One 16-byte chunk (32 weights) of a row against its 32 activations: the sum before the block scale.
+__device__ __forceinline__ float chunk_dot(const entry_t* table, uint4 w, const u32* xs) {
     const u32 ws[4] = {w.x, w.y, w.z, w.w};
     float s0 = 0.f, s1 = 0.f;
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
 #pragma unroll
         for (int b = 0; b < 4; ++b) {
-            // byte 4i+b holds weights 8i+2b (high nibble) and 8i+2b+1 (low nibble); xs[4i+b] their activations.
-            // The permute's result: byte 0 = lane * 8, byte 1 = the packed byte, bytes 2-3 = 0 (from lane8).
-            const u32 offset = __byte_perm(ws[i], lane8, 0x5504u | (b << 4));
-            const float2 v = *reinterpret_cast<const float2*>(table + offset);
+            // byte 4i+b holds weights 8i+2b (high nibble) and 8i+2b+1 (low nibble); xs[4i+b] their activations
+            const float2 v = levels(table[((ws[i] >> (8 * b)) & 0xffu) * LANES]);
             const u32 xu = xs[4 * i + b];
             s0 = fmaf(v.x, bf16_lo(xu), s0);
             s1 = fmaf(v.y, bf16_hi(xu), s1);
@@ -59,11 +79,12 @@ __device__ __forceinline__ float chunk_dot(const unsigned char* table, u32 lane8
     return s0 + s1;
 }
 
-// One chunk of ROWS rows with its 32 activations and the rows' block scales, loaded together ahead of use.
+// One 16-byte chunk of ROWS rows with its 32 activations and the rows' block scales, all loaded before any is
+// used: the scales' codes and the activations are then no latency chain inside the loop.
 struct Chunk {
     uint4 w[ROWS];
     uint4 x[4];
-    u32 q[ROWS];  // nested: the scale's code; else its float32 bits
+    u32 q[ROWS];      // nested: the scale's code; else its float32 bits
     float group[ROWS];
 };
 
@@ -92,27 +113,16 @@ __device__ __forceinline__ void load(Chunk& ch, const Operands& op, int row0, in
     }
 }
 
-__device__ __forceinline__ void accumulate(float* acc, const unsigned char* table, u32 lane8, const float* codes,
-                                           float shift, int nested, const Chunk& ch) {
+__device__ __forceinline__ void accumulate(float* acc, const entry_t* table, const float* code2, float shift,
+                                           int nested, const Chunk& ch) {
     const u32 xs[16] = {ch.x[0].x, ch.x[0].y, ch.x[0].z, ch.x[0].w, ch.x[1].x, ch.x[1].y, ch.x[1].z, ch.x[1].w,
                         ch.x[2].x, ch.x[2].y, ch.x[2].z, ch.x[2].w, ch.x[3].x, ch.x[3].y, ch.x[3].z, ch.x[3].w};
 #pragma unroll
     for (int r = 0; r < ROWS; ++r) {
-        const float scale = nested ? codes[ch.q[r]] * ch.group[r] + shift : __uint_as_float(ch.q[r]);
-        acc[r] = fmaf(chunk_dot(table, lane8, ch.w[r], xs), scale, acc[r]);
+        const float scale = nested ? code2[ch.q[r]] * ch.group[r] + shift : __uint_as_float(ch.q[r]);
+        acc[r] = fmaf(chunk_dot(table, ch.w[r], xs), scale, acc[r]);
     }
 }
-
-// A warp's work is a stream of (row group, step) items: step s of a group is chunk lane + s * LANES of its rows.
-struct Cursor {
-    int group, step;
-    __device__ __forceinline__ void next(int steps, int stride) {
-        if (++step == steps) {
-            step = 0;
-            group += stride;
-        }
-    }
-};
 
 extern "C" __global__ void __launch_bounds__(WARPS * LANES) NAME(
     const uint4* __restrict__ weight,     // [n, k / 32] chunks of 32 codes, two a byte, high nibble first
@@ -126,62 +136,49 @@ extern "C" __global__ void __launch_bounds__(WARPS * LANES) NAME(
     int n, int k, int nested, int group)
 {
     extern __shared__ __align__(16) unsigned char smem[];
-    float2* lut = reinterpret_cast<float2*>(smem);  // [TABLE][LANES]
+    entry_t* lut = reinterpret_cast<entry_t*>(smem);  // [TABLE][LANES]
     float* codes = reinterpret_cast<float*>(lut + TABLE * LANES);  // the scales' 256 codes
     for (int i = threadIdx.x; i < TABLE * LANES; i += blockDim.x) {
         const int e = i / LANES;
-        lut[i].x = nf4[e >> 4];
-        lut[i].y = nf4[e & 15];
+        lut[i] = make_entry(nf4[e >> 4], nf4[e & 15]);
     }
     if (nested)
         for (int i = threadIdx.x; i < TABLE; i += blockDim.x) codes[i] = code2[i];
     __syncthreads();
 
     const int lane = threadIdx.x % LANES;
-    const u32 lane8 = lane * sizeof(float2);
+    const entry_t* table = lut + lane;
     const Operands op = {weight, absmax_q, absmax, x, k / 32, nested, group};
     const float shift = nested ? *offset : 0.f;
-    const int groups = n / ROWS, stride = gridDim.x * WARPS;
-    const int steps = (op.chunks + LANES - 1) / LANES;  // every lane takes as many; a missing chunk adds nothing
-    const Cursor first = {(int)(blockIdx.x * WARPS + threadIdx.x / LANES), 0};
+    for (int g = blockIdx.x * WARPS + threadIdx.x / LANES; g < n / ROWS; g += gridDim.x * WARPS) {
+        const int row0 = g * ROWS;
+        float acc[ROWS];
+#pragma unroll
+        for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
 
-    Chunk ring[UNROLL];
-    Cursor fill = first;
+        int c = lane;
+        for (; c + LANES * (UNROLL - 1) < op.chunks; c += LANES * UNROLL) {
+            Chunk ch[UNROLL];
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-        const int c = lane + fill.step * LANES;
-        if (fill.group < groups && c < op.chunks) load(ring[u], op, fill.group * ROWS, c);
-        fill.next(steps, stride);
-    }
-
-    float acc[ROWS];
+            for (int u = 0; u < UNROLL; ++u) load(ch[u], op, row0, c + u * LANES);
 #pragma unroll
-    for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
-    Cursor use = first;
-    while (use.group < groups) {
+            for (int u = 0; u < UNROLL; ++u) accumulate(acc, table, codes, shift, nested, ch[u]);
+        }
+        for (; c < op.chunks; c += LANES) {  // the rest of a row whose chunks are no multiple of LANES x UNROLL
+            Chunk ch;
+            load(ch, op, row0, c);
+            accumulate(acc, table, codes, shift, nested, ch);
+        }
 #pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            if (use.group >= groups) break;  // the same for the whole warp
-            if (lane + use.step * LANES < op.chunks) accumulate(acc, smem, lane8, codes, shift, nested, ring[u]);
-            const int c = lane + fill.step * LANES;
-            if (fill.group < groups && c < op.chunks) load(ring[u], op, fill.group * ROWS, c);
-            fill.next(steps, stride);
-            if (use.step == steps - 1) {  // the group's last step: its rows are done
+        for (int r = 0; r < ROWS; ++r) {
 #pragma unroll
-                for (int r = 0; r < ROWS; ++r) {
+            for (int m = LANES / 2; m > 0; m /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], m);
+        }
+        if (lane < ROWS) {
+            float out = acc[0];
 #pragma unroll
-                    for (int m = LANES / 2; m > 0; m /= 2) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], m);
-                }
-                if (lane < ROWS) {
-                    float out = acc[0];
-#pragma unroll
-                    for (int r = 1; r < ROWS; ++r) if (lane == r) out = acc[r];
-                    y[use.group * ROWS + lane] = to_bf16(out);
-                }
-#pragma unroll
-                for (int r = 0; r < ROWS; ++r) acc[r] = 0.f;
-            }
-            use.next(steps, stride);
+            for (int r = 1; r < ROWS; ++r) if (lane == r) out = acc[r];
+            y[row0 + lane] = to_bf16(out);
         }
     }
 }

@@ -35,18 +35,20 @@ class KernelConfig:
     rows: int  # rows a warp computes together (each activation load serves them all)
     unroll: int  # 16-byte weight loads in flight per row before the first is used
     warps: int  # per thread block, sharing one table
+    half_table: bool  # fp16 level pairs (half the shared-memory traffic, two conversions a byte)
 
     @property
     def name(self) -> str:
-        return f"nf4_gemv_r{self.rows}_u{self.unroll}_w{self.warps}"
+        return f"nf4_gemv_r{self.rows}_u{self.unroll}_w{self.warps}_{'h' if self.half_table else 'f'}"
 
     @property
-    def shared_bytes(self) -> int:
-        return TABLE_ENTRIES * LANES * 8 + SCALE_CODES * 4  # float32 level pairs per lane, the scales' codes
+    def shared_bytes(self) -> int:  # level pairs per lane, then the scales' codes
+        return TABLE_ENTRIES * LANES * (4 if self.half_table else 8) + SCALE_CODES * 4
 
 
-DEFAULT_CONFIG = KernelConfig(rows=4, unroll=2, warps=8)
-NARROW_CONFIG = KernelConfig(rows=1, unroll=4, warps=8)  # few rows: more warps in flight
+# the fastest in bench_gemv --sweep on an H100 (2026-12-06) for the 70B and 8B shapes' wide and narrow layers
+DEFAULT_CONFIG = KernelConfig(rows=4, unroll=2, warps=8, half_table=False)
+NARROW_CONFIG = KernelConfig(rows=1, unroll=4, warps=8, half_table=False)  # few rows: more warps in flight
 NARROW_ROWS = 4096
 
 
@@ -61,7 +63,8 @@ class Kernel:
     def __init__(self, config: KernelConfig, device: torch.device):
         started = time.perf_counter()
         compile_kernel = getattr(torch.cuda, "compile_kernel", None) or torch.cuda._compile_kernel
-        defines = dict(NAME=config.name, ROWS=config.rows, UNROLL=config.unroll, WARPS=config.warps)
+        defines = dict(NAME=config.name, ROWS=config.rows, UNROLL=config.unroll, WARPS=config.warps,
+                       LUT_HALF=int(config.half_table))
         with torch.cuda.device(device):
             self.fn = compile_kernel(SOURCE.read_text(), config.name,
                                      nvcc_options=[f"-D{k}={v}" for k, v in defines.items()])
