@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     worker.add_argument("--swarm-key", help="private swarm: file holding the swarm secret (see `corolla keygen`)")
     worker.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (0: off)")
     worker.add_argument("--quantization", help="none, int8 or nf4: block weights, on a CUDA device (bitsandbytes)")
+    worker.add_argument("--no-nf4-kernel", dest="nf4_kernel", action="store_const", const=False,
+                        help="nf4: keep bitsandbytes' kernel for one-token products (slower; rounds as transformers + "
+                             "bitsandbytes do)")
     worker.add_argument("--random-weights", action="store_const", const=True,
                         help="benchmarks only: random blocks shaped by the folder's config.json, no checkpoint read")
     worker.add_argument("--seed", type=int, help="seed of --random-weights")
@@ -134,8 +137,8 @@ def _worker(args) -> None:
                                                 "idle_timeout", "threads", "initial_peers", "mdns",
                                                 "interfaces", "public_host", "gossip_interval", "discovery_wait",
                                                 "rebalance_interval", "throughput", "metrics_port", "quantization",
-                                                "random_weights", "seed", "cuda_graphs", "compile_decode", "swarm_key",
-                                                "max_decode_batch")}
+                                                "random_weights", "seed", "cuda_graphs", "compile_decode",
+                                                "nf4_kernel", "swarm_key", "max_decode_batch")}
     if args.adapter:
         pairs = [a.split("=", 1) for a in args.adapter]
         if any(len(p) != 2 or not all(p) for p in pairs):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import logging
 import sys
@@ -48,9 +49,8 @@ SHAPES = {  # (out_features, in_features) of one block's linears: q, k, v, o, ga
 METHODS = ("bf16", "nf4-bnb", "nf4")
 NF4_REL_TOLERANCE = 1e-2  # bf16 inputs and outputs, float32 sums: ~3e-3 expected
 SWEEP_BYTES = 1 << 30  # distinct weights per shape in a sweep, far beyond L2
-SWEEP_CONFIGS = [nf4_gemv.KernelConfig(rows, unroll, 8, half)
-                 for rows, unroll in ((1, 4), (1, 8), (2, 4), (4, 2), (4, 4), (8, 2)) for half in (True, False)]
-SWEEP_CONFIGS.append(nf4_gemv.KernelConfig(4, 2, 4, True))
+SWEEP_CONFIGS = [nf4_gemv.KernelConfig(unroll, warps, persistent)
+                 for unroll, warps, persistent in itertools.product((1, 2, 3, 4), (4, 8), (False, True))]
 
 
 def layers(shapes: list[tuple[int, int]], blocks: int, device: torch.device) -> list[nn.Linear]:
@@ -99,7 +99,7 @@ def bench_model(name: str, blocks: int, methods: list[str], device: torch.device
         started = time.perf_counter()
         seq = nn.ModuleList(layers(shapes, blocks, device))
         if method.startswith("nf4"):
-            quantize_linears(seq, NF4, own_kernel=method == "nf4")
+            quantize_linears(seq, NF4, nf4_kernel=method == "nf4")
         fn = functools.partial(run_all, seq)
         try:
             with torch.inference_mode():
@@ -142,8 +142,6 @@ def sweep(name: str, device: torch.device, copy: float) -> list[dict]:
         ops = [nf4_gemv.operands(m.weight) for m in seq]
         weight = weight_bytes(seq)
         for config in SWEEP_CONFIGS:
-            if n % config.rows:
-                continue
             kern = nf4_gemv.kernel(config, device)
             out = torch.full((count, n), float("nan"), dtype=torch.bfloat16, device=device)
 
@@ -155,16 +153,16 @@ def sweep(name: str, device: torch.device, copy: float) -> list[dict]:
                 run(x)
                 error = nf4_error(seq[0], x, out[0])
                 seconds = graph_time(run, x)
-            row = {"model": name, "shape": [n, k], "config": config.name, "rel_error": error,
+            row = {"model": name, "shape": [n, k], "config": repr(config), "rel_error": error,
                    "unwritten": int(out.isnan().sum()), "gbps": weight / seconds / 1e9}
             print(json.dumps(row), flush=True)
             rows.append(row)
         del seq, ops
         torch.cuda.empty_cache()
-    print(f"\n{'shape':<14} {'best config':<24} {'GB/s':>7} {'% copy':>7}  (default {nf4_gemv.config_for(1 << 20).name})")
+    print(f"\n{'shape':<14} {'best config':<66} {'GB/s':>7} {'% copy':>7}  (default {nf4_gemv.DEFAULT_CONFIG})")
     for shape in dict.fromkeys(tuple(r["shape"]) for r in rows):
         best = max((r for r in rows if tuple(r["shape"]) == shape), key=lambda r: r["gbps"])
-        print(f"{str(shape):<14} {best['config']:<24} {best['gbps']:7.0f} {100 * best['gbps'] * 1e9 / copy:6.0f}%")
+        print(f"{str(shape):<14} {best['config']:<66} {best['gbps']:7.0f} {100 * best['gbps'] * 1e9 / copy:6.0f}%")
     return rows
 
 

@@ -9,7 +9,8 @@ batch 1, a 128-token prompt, 64 new tokens) and (b) two worker processes serving
 half the blocks each (on the same GPU, or one per GPU where a run names 2 GPUs:
 shape:quantization:2) plus the Corolla client on the first GPU, once per worker
 decode path (--paths: "graph" replays CUDA graphs of the eager step,
-"compiled" of the compiled step). Per path: single-batch decode steps/s with
+"compiled" of the compiled step, "graph-bnb" the graph path with nf4's one-token
+products on bitsandbytes' kernel instead of Corolla's). Per path: single-batch decode steps/s with
 hops relayed by the client and pushed worker to worker, each worker's time per
 step (from its metrics: the rest is client and bus), greedy tokens equal to
 transformers', and drift teacher-forced on transformers' tokens (top-1
@@ -63,7 +64,8 @@ SHAPES = {  # LlamaConfig keywords
                  intermediate_size=2816, vocab_size=32000, max_position_embeddings=4096),
 }
 DEFAULT_RUNS = "llama3-8b:none,llama2-70b:nf4"
-DECODE_PATHS = ("graph", "compiled")
+DECODE_PATHS = ("graph", "compiled", "graph-bnb")
+DEFAULT_PATHS = "graph,compiled"
 QUICK_RUNS = "tiny:none,tiny:nf4"
 SLOW_BASELINE_STEPS_S = 20  # below this, one timed repeat of the baseline is enough (and saves minutes)
 FP32_CHECK_TOKENS = 32
@@ -98,7 +100,7 @@ def random_causal_lm(cls, config, dtype: torch.dtype, quantization: str):
         base.rotary_emb = type(base.rotary_emb)(config=config)
     for i, layer in enumerate(base.layers if isinstance(base.layers, torch.nn.ModuleList) else ()):
         fill_random_(layer, block_generator(SEED, i, DEVICE), dtype, DEVICE)
-        quantize_linears(layer, quantization, own_kernel=False)  # the baseline: bitsandbytes as it is
+        quantize_linears(layer, quantization, nf4_kernel=False)  # the baseline: bitsandbytes as it is
     return model.eval()
 
 
@@ -386,7 +388,7 @@ def free_port() -> int:
 
 def swarm_path(path: str, config, folder: str, quantization: str, gpus: int, prompt, new_tokens: int, reference,
                logs: Path, forward: bool) -> dict:
-    """One decode path of the workers ("graph": CUDA graphs of the eager step; "compiled": of the compiled step):
+    """One decode path of the workers (DECODE_PATHS: see the module's docstring):
     decode relayed by the client and pushed worker to worker, drift, per-worker step time, and (once) forward."""
     from corolla.client.config import ClientConfig
     from corolla.client.families import DistributedLlamaForCausalLM
@@ -397,7 +399,8 @@ def swarm_path(path: str, config, folder: str, quantization: str, gpus: int, pro
     devices = [f"cuda:{k % gpus}" for k in range(2)]
     common = ["--model", folder, "--dtype", "bfloat16", "--random-weights", "--seed",
               str(SEED), "--quantization", quantization, "--no-mdns", "--throughput", "1",
-              *(["--compile-decode"] if path == "compiled" else [])]
+              *(["--compile-decode"] if path == "compiled" else []),
+              *(["--no-nf4-kernel"] if path == "graph-bnb" else [])]
     spans = [f"0:{half}", f"{half}:{config.num_hidden_layers}"]
     name = f"{config.num_hidden_layers}x{config.hidden_size}_{quantization}_{path}"
     log.info("%s: starting 2 workers on %s", name, ", ".join(devices))
@@ -553,8 +556,9 @@ def main() -> None:
     parser.add_argument("--runs", help=f"shape:quantization[:gpus],... (default {DEFAULT_RUNS}; --quick: "
                         f"{QUICK_RUNS}); gpus 2: one worker per GPU, else both on the first")
     parser.add_argument("--json", help="where to write the figures (default $OUT/gpu_bench.json or perf/out/)")
-    parser.add_argument("--paths", default=",".join(DECODE_PATHS),
-                        help="workers' decode paths to measure: graph (CUDA graphs of the eager step), compiled")
+    parser.add_argument("--paths", default=DEFAULT_PATHS,
+                        help=f"workers' decode paths to measure, of {', '.join(DECODE_PATHS)}: graph (CUDA graphs of the "
+                             f"eager step), compiled, graph-bnb (graph, nf4 on bitsandbytes' kernel)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     if not torch.cuda.is_available():
@@ -563,6 +567,9 @@ def main() -> None:
     if any(r[0] not in SHAPES or not r[2].isdigit() or not 1 <= int(r[2]) <= 2 for r in runs):
         raise SystemExit(f"--runs: each is shape:quantization[:gpus] with a shape of {', '.join(SHAPES)} and 1 or 2 "
                          f"GPUs, not {args.runs}")
+    paths = args.paths.split(",")
+    if not paths or not set(paths) <= set(DECODE_PATHS):
+        raise SystemExit(f"--paths: a comma-separated list of {', '.join(DECODE_PATHS)}, not {args.paths}")
     if max(int(r[2]) for r in runs) > torch.cuda.device_count():
         raise SystemExit(f"--runs asks for 2 GPUs; this machine has {torch.cuda.device_count()}")
     out = Path(args.json or Path(os.environ.get("OUT") or "perf/out") / "gpu_bench.json")
@@ -582,7 +589,7 @@ def main() -> None:
         try:
             report["runs"].append(run_model(shape, quantization, int(gpus), report["copy_bandwidth_gb_s"] * 1e9,
                                             report["matmul_tflops"] * 1e12, args.quick, out.parent,
-                                            args.paths.split(",")))
+                                            paths))
         except Exception as e:  # the other runs' figures still count
             log.exception("%s %s failed", shape, quantization)
             report["runs"].append({"shape": shape, "quantization": quantization, "error": f"{type(e).__name__}: {e}"})

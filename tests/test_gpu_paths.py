@@ -63,6 +63,18 @@ def test_decode_step_is_compiled_only_when_asked(quantization):
                              ).compile_decode
 
 
+def test_nf4_kernel_is_corollas_unless_turned_off(tmp_path):
+    """Corolla's kernel rounds differently from bitsandbytes' (perf/RESULTS.md): a user who needs transformers +
+    bitsandbytes' tokens exactly turns it off, in YAML or with --no-nf4-kernel."""
+    assert WorkerConfig.load(model="/models/x", quantization="nf4", device="cuda:0").nf4_kernel
+    yaml_file = tmp_path / "worker.yaml"
+    yaml_file.write_text("model: /models/x\nquantization: nf4\ndevice: cuda:0\nnf4_kernel: false\n")
+    assert not WorkerConfig.load(yaml_file).nf4_kernel
+    yaml_file.write_text("model: /models/x\nquantization: nf4\ndevice: cuda:0\nnf4_kernel: bitsandbytes\n")
+    with pytest.raises(ConfigError, match="nf4_kernel must be true or false, not 'bitsandbytes'"):
+        WorkerConfig.load(yaml_file)
+
+
 def test_span_size_from_the_config_alone_matches_the_built_span():
     config = tiny_config()
     weights, per_token = span_bytes(config, 1, 3, torch.float32, "none")

@@ -41,12 +41,16 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm() / ref.norm()).item()
 
 
-# rows below and above the narrow/wide switch, rows no multiple of a warp's rows, chunks no multiple of a warp's
-@pytest.mark.parametrize("n,k", [(256, 512), (96, 576), (4098, 1024), (4096, 64), (1024, 8192)])
+# rows below and above the narrow/wide switch, a row of one scale block, rows whose blocks are no multiple of a
+# step's, more tiles than a persistent grid holds (8192); rows no multiple of a tile's (4098) fall back to
+# bitsandbytes' kernel
+@pytest.mark.parametrize("n,k", [(256, 512), (96, 576), (4112, 1216), (4096, 64), (1024, 8192), (8192, 1024),
+                                 (4098, 1024)])
 @pytest.mark.parametrize("nested", [True, False])
 def test_kernel_matches_dequantized_weights(n, k, nested):
     layer = nf4_linear(n, k, nested)
-    assert layer.weight.quant_state.nested == nested and nf4_gemv.supports(layer.weight)
+    assert layer.weight.quant_state.nested == nested
+    assert nf4_gemv.supports(layer.weight) == (n % nf4_gemv.TILE_ROWS == 0)
     for seed in range(2):  # fresh inputs each time
         torch.manual_seed(100 + seed)
         x = torch.randn(1, 1, k, dtype=torch.bfloat16, device="cuda")
@@ -56,16 +60,18 @@ def test_kernel_matches_dequantized_weights(n, k, nested):
         assert rel_error(out, reference(layer, x)) < REL_TOLERANCE
 
 
-def test_every_configuration_matches():
-    layer = nf4_linear(512, 2048)
-    x = torch.randn(2048, dtype=torch.bfloat16, device="cuda")
+@pytest.mark.parametrize("nested", [True, False])
+def test_every_configuration_matches(nested):
+    layer = nf4_linear(528, 2240, nested)  # 35 scale blocks a row: every unroll leaves a partial step
+    x = torch.randn(2240, dtype=torch.bfloat16, device="cuda")
     ref = reference(layer, x)
     ops = nf4_gemv.operands(layer.weight)
-    for config in {nf4_gemv.DEFAULT_CONFIG, nf4_gemv.NARROW_CONFIG,
-                   nf4_gemv.KernelConfig(rows=8, unroll=2, warps=4, half_table=True)}:
-        out = torch.full((512,), float("nan"), dtype=torch.bfloat16, device="cuda")  # every element written
-        nf4_gemv.kernel(config, x.device)(x, out, ops)
-        assert torch.isfinite(out).all() and rel_error(out, ref) < REL_TOLERANCE, config
+    for unroll in (1, 2, 3, 4):
+        for warps in (1, 4, 8):
+            config = nf4_gemv.KernelConfig(unroll, warps, persistent=False)
+            out = torch.full((528,), float("nan"), dtype=torch.bfloat16, device="cuda")  # every one written
+            nf4_gemv.kernel(config, x.device)(x, out, ops)
+            assert torch.isfinite(out).all() and rel_error(out, ref) < REL_TOLERANCE, config
 
 
 def test_several_tokens_and_gradients_stay_on_bitsandbytes():

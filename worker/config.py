@@ -49,6 +49,9 @@ class WorkerConfig:
     max_decode_batch: int = 16  # single-token steps of different sessions run as one pass, up to this many; 1: off
     metrics_port: int = 0  # Prometheus metrics over HTTP on host:metrics_port; 0: off
     quantization: str = "none"  # none, int8 or nf4 (bitsandbytes, CUDA only; see worker/quantize.py)
+    # nf4: one-token products on Corolla's kernel (worker/nf4_gemv.py); off: bitsandbytes' own, slower, whose
+    # rounding transformers + bitsandbytes share, so greedy tokens follow theirs exactly
+    nf4_kernel: bool = True
     random_weights: bool = False  # benchmarks only: random blocks built from config.json, no checkpoint read
     seed: int = 0  # seed of random_weights
     cuda_graphs: bool = True  # CUDA devices: single-token steps of batch-1 sessions replay a CUDA graph
@@ -97,6 +100,9 @@ class WorkerConfig:
         for key in ("discovery_wait", "rebalance_interval"):
             if not isinstance(getattr(self, key), (int, float)) or getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be a number of seconds, 0 or more")
+        for key in ("mdns", "random_weights", "cuda_graphs", "compile_decode", "nf4_kernel"):
+            if not isinstance(getattr(self, key), bool):
+                raise ConfigError(f"{key} must be true or false, not {getattr(self, key)!r}")
         for key in ("initial_peers", "interfaces"):
             if not isinstance(getattr(self, key), list) or not all(isinstance(x, str) for x in getattr(self, key)):
                 raise ConfigError(f"{key} must be a list of strings")

@@ -48,9 +48,11 @@ def tensor_locations(folder: str | Path) -> dict[str, Path]:
 
 
 def load_span(folder: str | Path, start: int, end: int, dtype: torch.dtype = torch.float32,
-              device: str | torch.device = "cpu", progress: bool = True, quantization: str = "none") -> torch.nn.Module:
+              device: str | torch.device = "cpu", progress: bool = True, quantization: str = "none",
+              nf4_kernel: bool = True) -> torch.nn.Module:
     """Blocks [start, end) of the model in `folder`, ready to run (eval mode, no grads on weights); with
-    `quantization` (int8, nf4: CUDA only) each block's linear layers are quantized as it reaches the device."""
+    `quantization` (int8, nf4: CUDA only) each block's linear layers are quantized as it reaches the device
+    (`nf4_kernel`: see quantize_linears)."""
     config = load_config(folder)
     if not 0 <= start < end <= config.num_hidden_layers:
         raise CheckpointError(f"span {start}:{end} is outside the model's {config.num_hidden_layers} blocks")
@@ -82,7 +84,7 @@ def load_span(folder: str | Path, start: int, end: int, dtype: torch.dtype = tor
         raise CheckpointError(f"checkpoint lacks {len(missing)} tensors of blocks {start}:{end}, e.g. {sorted(missing)[0]}")
     for layer, block in zip(span.layers, blocks):  # block by block: a quantized span never holds all 16-bit weights
         layer.load_state_dict({name: t.to(device) for name, t in block.items()}, strict=False, assign=True)
-        quantize_linears(layer, quantization)
+        quantize_linears(layer, quantization, nf4_kernel)
     leftover = [name for name, p in span.named_parameters() if p.is_meta and not name.startswith("rotary_emb.")]
     if leftover:
         raise CheckpointError(f"blocks {start}:{end}: no weights for {leftover[:3]}")

@@ -61,10 +61,10 @@ async def serve(config: WorkerConfig, ready=None) -> None:
     try:
         if config.random_weights:  # benchmarks only: shapes from config.json, no checkpoint
             span = await asyncio.to_thread(random_span, model_config, start, end, config.torch_dtype, config.device,
-                                           config.quantization, config.seed)
+                                           config.quantization, config.seed, config.nf4_kernel)
         else:
             span = await asyncio.to_thread(load_span, config.model, start, end, config.torch_dtype, config.device,
-                                           quantization=config.quantization)
+                                           quantization=config.quantization, nf4_kernel=config.nf4_kernel)
     except torch.OutOfMemoryError:  # the estimate fell short, or another process took the memory meanwhile
         raise ConfigError(f"{config.device} ran out of memory loading blocks {start}:{end}: serve fewer blocks, "
                           f"lower cache_tokens or quantize") from None

@@ -1,9 +1,12 @@
 """Batch-1 nf4 matrix-vector products on CUDA (nf4_gemv.cu), in place of bitsandbytes' 4-bit inference kernel.
 
 An nf4 decode step is mostly reading weights, and bitsandbytes' kernel reads them at about a third of an H100's
-copy bandwidth (perf/RESULTS.md, bench_gemv). This kernel reads bitsandbytes' own packed weights and
-(double-quantized) scales in place, so nothing is re-laid out or stored twice: layers stay bitsandbytes'
-Linear4bit, and every other shape (prefill, batches, backward) still runs through bitsandbytes.
+copy bandwidth (perf/RESULTS.md, bench_gemv); this one reads a 70B block's at 59% (1.7x). It reads bitsandbytes'
+own packed weights and (double-quantized) scales in place, so nothing is re-laid out or stored twice: layers stay
+bitsandbytes' Linear4bit, and every other shape (prefill, batches, backward, rows that are no whole tiles) still
+runs through bitsandbytes. Its sums are nearer the dequantized weights' than bitsandbytes' (2.9e-3 against 3.8e-3
+relative), but not the same, so greedy tokens can part from transformers + bitsandbytes' (at the 70B shape with
+random weights, after the first); workers can keep bitsandbytes' kernel instead (`nf4_kernel: false`).
 
 The kernel is compiled at first use by NVRTC, which ships with PyTorch's CUDA builds: a worker needs no CUDA
 compiler. It is an opaque custom op, so CUDA-graph capture and torch.compile both take it as one launch.
@@ -11,7 +14,6 @@ compiler. It is an opaque custom op, so CUDA-graph capture and torch.compile bot
 from __future__ import annotations
 
 import ctypes
-import functools
 import logging
 import threading
 import time
@@ -24,37 +26,36 @@ log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("nf4_gemv.cu")
 LANES = 32
-TABLE_ENTRIES = 256  # level pairs: one lookup a packed byte
-BLOCKSIZE = 64  # weights per scale: the kernel's chunks are half a block
-CHUNK_WEIGHTS = 32
+TILE_ROWS = 16  # a warp's tile: the rows of one tensor-core product
+TABLE_BYTES = 256 * LANES * 4  # bfloat16 level pairs, one a packed byte, a copy per lane
 SCALE_CODES = 256  # double quantization's code for the block scales, kept beside the table
+BLOCKSIZE = 64  # weights per scale: a row must hold whole blocks
 
 
 @dataclass(frozen=True)
 class KernelConfig:
-    rows: int  # rows a warp computes together (each activation load serves them all)
-    unroll: int  # 16-byte weight loads in flight per row before the first is used
-    warps: int  # per thread block, sharing one table
-    half_table: bool  # fp16 level pairs (half the shared-memory traffic, two conversions a byte)
+    unroll: int  # 16-byte weight loads a lane has in flight per row (2 scale blocks each), 1 to 4
+    warps: int  # per thread block, splitting a tile's columns between them and sharing one table
+    persistent: bool  # one resident grid walks all tiles, instead of a thread block per tile
 
     @property
     def name(self) -> str:
-        return f"nf4_gemv_r{self.rows}_u{self.unroll}_w{self.warps}_{'h' if self.half_table else 'f'}"
+        return f"nf4_gemv_u{self.unroll}_w{self.warps}"
 
     @property
-    def shared_bytes(self) -> int:  # level pairs per lane, then the scales' codes
-        return TABLE_ENTRIES * LANES * (4 if self.half_table else 8) + SCALE_CODES * 4
+    def shared_bytes(self) -> int:  # level pairs, the scales' codes, then each warp's sums of its tile
+        return TABLE_BYTES + SCALE_CODES * 4 + self.warps * TILE_ROWS * 4
 
 
-# the fastest in bench_gemv --sweep on an H100 (2026-12-06) for the 70B and 8B shapes' wide and narrow layers
-DEFAULT_CONFIG = KernelConfig(rows=4, unroll=2, warps=8, half_table=False)
-NARROW_CONFIG = KernelConfig(rows=1, unroll=4, warps=8, half_table=False)  # few rows: more warps in flight
+# the fastest for a 70B block's wide and narrow (k, v) layers in a sweep of every configuration on an H100
+# (2026-12-06, perf/RESULTS.md)
+DEFAULT_CONFIG = KernelConfig(unroll=2, warps=4, persistent=True)
+NARROW_CONFIG = KernelConfig(unroll=3, warps=8, persistent=True)
 NARROW_ROWS = 4096
 
 
 def config_for(n: int) -> KernelConfig:
-    config = DEFAULT_CONFIG if n >= NARROW_ROWS else NARROW_CONFIG
-    return config if n % config.rows == 0 else NARROW_CONFIG
+    return DEFAULT_CONFIG if n >= NARROW_ROWS else NARROW_CONFIG
 
 
 class Kernel:
@@ -63,8 +64,7 @@ class Kernel:
     def __init__(self, config: KernelConfig, device: torch.device):
         started = time.perf_counter()
         compile_kernel = getattr(torch.cuda, "compile_kernel", None) or torch.cuda._compile_kernel
-        defines = dict(NAME=config.name, ROWS=config.rows, UNROLL=config.unroll, WARPS=config.warps,
-                       LUT_HALF=int(config.half_table))
+        defines = dict(NAME=config.name, UNROLL=config.unroll, WARPS=config.warps)
         with torch.cuda.device(device):
             self.fn = compile_kernel(SOURCE.read_text(), config.name,
                                      nvcc_options=[f"-D{k}={v}" for k, v in defines.items()])
@@ -78,7 +78,8 @@ class Kernel:
         """out (n bfloat16) = the weight of `operands` (see `operands`) times x (k bfloat16, 16-byte aligned)."""
         c = self.config
         weight, absmax_q, absmax, code2, offset, levels, n, k, nested, group = operands
-        grid = max(1, min(self.resident, -(-(n // c.rows) // c.warps)))
+        tiles = n // TILE_ROWS
+        grid = min(self.resident, tiles) if c.persistent else tiles
         self.fn(grid=(grid, 1, 1), block=(c.warps * LANES, 1, 1), shared_mem=c.shared_bytes,
                 args=[weight, absmax_q, absmax, code2, offset, levels, x, out, n, k, int(nested), group])
 
@@ -125,7 +126,8 @@ def supports(weight) -> bool:
     state = getattr(weight, "quant_state", None)
     if state is None or state.quant_type != "nf4" or state.blocksize != BLOCKSIZE or not weight.is_cuda:
         return False
-    return len(state.shape) == 2 and state.shape[1] % CHUNK_WEIGHTS == 0 and weight.is_contiguous()
+    return (len(state.shape) == 2 and state.shape[0] % TILE_ROWS == 0 and state.shape[1] % BLOCKSIZE == 0
+            and weight.is_contiguous())
 
 
 def operands(weight) -> tuple:
@@ -147,10 +149,3 @@ def gemv(x: torch.Tensor, weight) -> torch.Tensor:
     """x (one token's bfloat16 features, any leading shape of size 1) times the nf4 `weight`'s transpose."""
     ops = operands(weight)
     return _gemv(x.reshape(-1).contiguous(), *ops).view(*x.shape[:-1], ops[6])
-
-
-@functools.cache
-def warm(device_index: int) -> None:
-    """Compile every configuration before any CUDA graph captures a step (NVRTC cannot run inside a capture)."""
-    for config in {DEFAULT_CONFIG, NARROW_CONFIG}:
-        kernel(config, torch.device("cuda", device_index))

@@ -34,24 +34,24 @@ def _bitsandbytes():
     return bitsandbytes
 
 
-def quantize_linears(module: nn.Module, quantization: str, own_kernel: bool = True) -> int:
+def quantize_linears(module: nn.Module, quantization: str, nf4_kernel: bool = True) -> int:
     """Replace every nn.Linear under `module` (weights already on the GPU) by its bitsandbytes twin; returns how many.
-    `own_kernel=False` keeps bitsandbytes' kernel for one-token nf4 products too (the baseline benchmarks run)."""
+    `nf4_kernel=False` keeps bitsandbytes' kernel for one-token nf4 products too (the baseline benchmarks run)."""
     if quantization == NONE:
         return 0
     bnb = _bitsandbytes()
     targets = [(parent, name, child) for parent in module.modules() for name, child in parent.named_children()
                if type(child) is nn.Linear]
     for parent, name, linear in targets:
-        setattr(parent, name, _quantized(bnb, linear, quantization, own_kernel))
+        setattr(parent, name, _quantized(bnb, linear, quantization, nf4_kernel))
     return len(targets)
 
 
-def _quantized(bnb, linear: nn.Linear, quantization: str, own_kernel: bool) -> nn.Module:
+def _quantized(bnb, linear: nn.Linear, quantization: str, nf4_kernel: bool) -> nn.Module:
     weight, bias = linear.weight.data, linear.bias
     device = weight.device
     if quantization == NF4:
-        layer = (_linear4bit_gemv(bnb) if own_kernel else bnb.nn.Linear4bit)(linear.in_features, linear.out_features, bias=bias is not None,
+        layer = (_linear4bit_gemv(bnb) if nf4_kernel else bnb.nn.Linear4bit)(linear.in_features, linear.out_features, bias=bias is not None,
                                   compute_dtype=NF4_COMPUTE_DTYPE, quant_type="nf4", device="meta")
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
                                          module=layer)._quantize(device)

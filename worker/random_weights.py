@@ -46,7 +46,8 @@ def fill_random_(module: nn.Module, generator: torch.Generator, dtype: torch.dty
 
 
 def random_span(config: PretrainedConfig, start: int, end: int, dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu", quantization: str = "none", seed: int = 0) -> nn.Module:
+                device: str | torch.device = "cpu", quantization: str = "none", seed: int = 0,
+                nf4_kernel: bool = True) -> nn.Module:
     """Blocks [start, end) of a model shaped like `config`, with random weights, ready to run."""
     log.warning("RANDOM WEIGHTS: blocks %d:%d of this %s-shaped model are random (seed %d), for benchmarks only; "
                 "no checkpoint is read and every output is meaningless", start, end, config.model_type, seed)
@@ -58,7 +59,7 @@ def random_span(config: PretrainedConfig, start: int, end: int, dtype: torch.dty
         span.rotary_emb = type(span.rotary_emb)(config=config)
     for i, block in enumerate(span.layers):
         fill_random_(block, block_generator(seed, start + i, device), dtype, device)
-        quantize_linears(block, quantization)
+        quantize_linears(block, quantization, nf4_kernel)
     leftover = [name for name, t in [*span.named_parameters(), *span.named_buffers()] if t.is_meta]
     if leftover:
         raise RuntimeError(f"random blocks {start}:{end}: nothing made for {leftover[:3]}")
