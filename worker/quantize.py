@@ -6,8 +6,8 @@ The swap happens block by block as weights are made or loaded, so a span never
 holds all of its 16-bit weights on the GPU at once. bitsandbytes' kernels need
 CUDA; asking for quantization on a CPU worker is a configuration error. nf4
 layers run one-token products through Corolla's own kernel (worker/nf4_gemv.py),
-which reads the same weights at several times bitsandbytes' rate; everything
-else stays bitsandbytes'.
+which reads the same weights at 1.3-1.7 times bitsandbytes' rate (unless a
+worker sets nf4_kernel: false); everything else stays bitsandbytes'.
 """
 from __future__ import annotations
 
@@ -51,8 +51,9 @@ def _quantized(bnb, linear: nn.Linear, quantization: str, nf4_kernel: bool) -> n
     weight, bias = linear.weight.data, linear.bias
     device = weight.device
     if quantization == NF4:
-        layer = (_linear4bit_gemv(bnb) if nf4_kernel else bnb.nn.Linear4bit)(linear.in_features, linear.out_features, bias=bias is not None,
-                                  compute_dtype=NF4_COMPUTE_DTYPE, quant_type="nf4", device="meta")
+        linear4bit = _linear4bit_gemv(bnb) if nf4_kernel else bnb.nn.Linear4bit
+        layer = linear4bit(linear.in_features, linear.out_features, bias=bias is not None,
+                           compute_dtype=NF4_COMPUTE_DTYPE, quant_type="nf4", device="meta")
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4",
                                          module=layer)._quantize(device)
     else:
