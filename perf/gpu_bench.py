@@ -14,7 +14,9 @@ products on bitsandbytes' kernel instead of Corolla's). Per path: single-batch d
 hops relayed by the client and pushed worker to worker, each worker's time per
 step (from its metrics: the rest is client and bus), greedy tokens equal to
 transformers', and drift teacher-forced on transformers' tokens (top-1
-agreement, logits error); forward tokens/s (batch 1 and 64, 128 tokens) on the
+agreement, logits error), against transformers and against the same weights
+computed in float32 (bf16 and nf4 runs; transformers' own distance from float32
+is printed beside it, the yardstick for both); forward tokens/s (batch 1 and 64, 128 tokens) on the
 first path. Decode steps/s are also given as a share of the memory-bandwidth
 floor: measured copy bandwidth / bytes of weights one decode step reads (with
 one worker per GPU a step still reads each byte once, half on each GPU in turn,
@@ -29,6 +31,7 @@ is set) and the workers' logs beside it.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import logging
@@ -303,19 +306,44 @@ def logits_error(ours: torch.Tensor, tokens: torch.Tensor, reference: torch.Tens
             "max_rel_err": float(errors.max()), "median_rel_err": float(errors.median())}
 
 
-def float32_drift(model, prompt, tokens: torch.Tensor, reference: torch.Tensor) -> dict:
-    """What bf16 itself costs: the same (bf16-rounded) weights computed in float32, teacher-forced on the bf16
-    model's greedy tokens, against its per-step logits; the yardstick for the swarm's drift. Each block turns
-    float32 just for its own pass (bf16 -> float32 -> bf16 is exact), so a model that fills the GPU in bf16 (70B
-    on one H200) needs room for only one block in float32."""
+def float32_logits(model, prompt, tokens: torch.Tensor) -> torch.Tensor:
+    """The model's weights computed in float32, teacher-forced on `tokens`: per-step logits, the yardstick for every
+    bf16 computation of the same weights (transformers' and the swarm's alike; what bf16 itself costs is
+    transformers' distance from it). nf4 layers count as the float32 matrices they dequantize to, so both nf4
+    kernels can be held to it. Each block turns float32 just for its own pass (bf16 -> float32 -> bf16 is exact),
+    so a model that fills the GPU in bf16 (70B on one H200) needs room for only one block in float32."""
     base, dtype = model.model, model.dtype
     ends = [base.embed_tokens, base.norm, model.lm_head]
+    swapped: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+
+    def cast(module: torch.nn.Module, to: torch.dtype) -> None:  # every parameter but quantized layers'
+        for m in module.modules():
+            if not hasattr(getattr(m, "weight", None), "quant_state"):
+                for p in m.parameters(recurse=False):
+                    p.data = p.data.to(to)
 
     def widen(block, args) -> None:
-        block.float()
+        for parent in list(block.modules()):
+            for name, child in list(parent.named_children()):
+                state = getattr(getattr(child, "weight", None), "quant_state", None)
+                if state is not None:
+                    import bitsandbytes.functional as bnbf
+                    linear = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                             device=DEVICE, dtype=torch.float32)
+                    exact = copy.copy(state)  # levels times scales in float32, not rounded to the layer's dtype
+                    exact.dtype = torch.float32
+                    linear.weight.data = bnbf.dequantize_4bit(child.weight.data, exact)
+                    if child.bias is not None:
+                        linear.bias.data = child.bias.data.float()
+                    swapped.append((parent, name, child))
+                    setattr(parent, name, linear)
+        cast(block, torch.float32)
 
     def narrow(block, args, out) -> None:
-        block.to(dtype)
+        while swapped:
+            parent, name, child = swapped.pop()
+            setattr(parent, name, child)
+        cast(block, dtype)
 
     hooks = [h for layer in base.layers
              for h in (layer.register_forward_pre_hook(widen), layer.register_forward_hook(narrow))]
@@ -323,23 +351,26 @@ def float32_drift(model, prompt, tokens: torch.Tensor, reference: torch.Tensor) 
     try:
         for module in ends:
             module.float()
-        logits = model(ids).logits[0, prompt.shape[1] - 1:].float().cpu()
+        return model(ids).logits[0, prompt.shape[1] - 1:].float().cpu()
     finally:
         for h in hooks:
             h.remove()
-        for module in [*ends, *base.layers]:
+        for module in ends:
             module.to(dtype)
-    return logits_error(reference, logits.argmax(-1), logits)
 
 
-def drift(model, prompt, tokens: torch.Tensor, reference: torch.Tensor) -> dict:
+def drift(model, prompt, tokens: torch.Tensor, reference: torch.Tensor, fp32: torch.Tensor | None) -> dict:
     """The swarm's logits teacher-forced on transformers' greedy tokens: how often its top-1 is the same token,
-    and the largest relative error of a step's logits."""
+    and the largest relative error of a step's logits; and the same against the float32 computation (`fp32`)."""
     from transformers import LogitsProcessorList
     forced = ForcedTokens(tokens)
     model.generate(prompt, max_new_tokens=len(tokens), do_sample=False, pad_token_id=0,
                    logits_processor=LogitsProcessorList([forced]))
-    return logits_error(torch.stack(forced.logits), tokens, reference)
+    ours = torch.stack(forced.logits)
+    result = logits_error(ours, tokens, reference)
+    if fp32 is not None:
+        result["float32"] = logits_error(ours, fp32.argmax(-1), fp32)
+    return result
 
 
 def step_seconds(ports: list[int], histogram: str = "corolla_worker_request_seconds", labels: str = 'kind="step"'
@@ -387,7 +418,7 @@ def free_port() -> int:
 
 
 def swarm_path(path: str, config, folder: str, quantization: str, gpus: int, prompt, new_tokens: int, reference,
-               logs: Path, forward: bool) -> dict:
+               fp32, logs: Path, forward: bool) -> dict:
     """One decode path of the workers (DECODE_PATHS: see the module's docstring):
     decode relayed by the client and pushed worker to worker, drift, per-worker step time, and (once) forward."""
     from corolla.client.config import ClientConfig
@@ -421,7 +452,7 @@ def swarm_path(path: str, config, folder: str, quantization: str, gpus: int, pro
                     result[f"worker_step_ms_{mode}"] = worker_step_ms(client, prompt, new_tokens, ports)
             with torch.inference_mode():
                 log.info("%s: drift, teacher-forced", name)
-                result["drift"] = drift(client, prompt, *reference)
+                result["drift"] = drift(client, prompt, *reference, fp32)
                 if forward:
                     for b in FORWARD_BATCHES:
                         log.info("%s: forward batch %d", name, b)
@@ -466,9 +497,15 @@ def run_model(shape: str, quantization: str, gpus: int, bandwidth: float, flops:
             steps_s = max(steps_s, decode(local, prompt, new_tokens, 2)[0])
         result["local"] = {"decode_steps_s": steps_s}
         reference = local_logits(local, prompt, new_tokens + 1)
-        if quantization == "none":
+        fp32 = None
+        if quantization in ("none", "nf4"):
             log.info("%s: bf16 vs float32 drift", shape)
-            result["float32_drift"] = checked(float32_drift, local, prompt, *reference)
+            try:
+                fp32 = float32_logits(local, prompt, reference[0])
+                result["float32_drift"] = logits_error(reference[1], fp32.argmax(-1), fp32)
+            except Exception as e:  # the speed figures still count
+                log.exception("float32 reference failed")
+                result["float32_drift"] = {"error": f"{type(e).__name__}: {e}"}
         for b in FORWARD_BATCHES:
             result["local"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(local, b, config.vocab_size, 2)
     if quantization == "none":
@@ -484,7 +521,7 @@ def run_model(shape: str, quantization: str, gpus: int, bandwidth: float, flops:
     with tempfile.TemporaryDirectory() as folder:
         config.save_pretrained(folder)
         result["paths"] = {path: swarm_path(path, config, folder, quantization, gpus, prompt, new_tokens, reference,
-                                            logs, forward=k == 0) for k, path in enumerate(paths)}
+                                            fp32, logs, forward=k == 0) for k, path in enumerate(paths)}
     best = max(result["paths"].values(), key=lambda r: r["decode_steps_s"])
     result["swarm"] = {"decode_steps_s": best["decode_steps_s"],
                        **{k: v for k, v in result["paths"][paths[0]].items() if k.startswith("forward_")}}
@@ -527,14 +564,16 @@ def print_report(report: dict) -> None:
             print(f"  bf16 itself: transformers bf16 vs the same weights in float32, teacher-forced: top-1 "
                   f"{f32['top1_agree']}/{f32['steps']}, logits max relative error {f32['max_rel_err']:.1e}")
         print(f"  {'swarm decode path':18} {'relay':>7} {'push':>7} {'% floor':>8} {'worker ms/step':>15} "
-              f"{'= greedy':>9} {'forced top-1':>13} {'logits rel err':>15}")
+              f"{'= greedy':>9} {'forced top-1':>13} {'logits rel err':>15} {'vs float32: top-1, err':>23}")
         for path, p in r["paths"].items():
             d = p["drift"]
             workers = "+".join(f"{ms:.1f}" for ms in p["worker_step_ms_relay"])
+            vs32 = f"{d['float32']['top1_agree']}/{d['float32']['steps']}, {d['float32']['max_rel_err']:.1e}" \
+                if "float32" in d else "-"
             print(f"  {path:18} {p['decode_relay_steps_s']:7.1f} {p['decode_push_steps_s']:7.1f} "
                   f"{p['decode_steps_s'] / r['floor_steps_s']:8.0%} {workers:>15} "
                   f"{p['tokens_equal_local_relay']:>4}/{r['new_tokens'] + 1:<4} {d['top1_agree']:>6}/{d['steps']:<6} "
-                  f"{d['max_rel_err']:15.1e}")
+                  f"{d['max_rel_err']:15.1e} {vs32:>23}")
             for note in p["worker_notes"]:
                 print(f"    worker: {note}")
         print(f"  {'forward tokens/s (% of roofline floor, bound by)':52} {'transformers':>26} {'swarm':>26}")
