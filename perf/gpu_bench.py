@@ -16,8 +16,8 @@ step (from its metrics: the rest is client and bus), greedy tokens equal to
 transformers', and drift teacher-forced on transformers' tokens (top-1
 agreement, logits error), against transformers and against the same weights
 computed in float32 (bf16 and nf4 runs; transformers' own distance from float32
-is printed beside it, the yardstick for both); forward tokens/s (batch 1 and 64, 128 tokens) on the
-first path. Decode steps/s are also given as a share of the memory-bandwidth
+is printed beside it, the yardstick for both); forward tokens/s (batch 1 and 64,
+128 tokens) on the first path. Decode steps/s are also given as a share of the memory-bandwidth
 floor: measured copy bandwidth / bytes of weights one decode step reads (with
 one worker per GPU a step still reads each byte once, half on each GPU in turn,
 so the floor is one GPU's). Forward tokens/s are given as a share of their
