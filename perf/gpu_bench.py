@@ -359,6 +359,13 @@ def float32_logits(model, prompt, tokens: torch.Tensor) -> torch.Tensor:
             module.to(dtype)
 
 
+def float32_drift(model, prompt, tokens: torch.Tensor, reference: torch.Tensor) -> dict:
+    """What bf16 itself costs: transformers' logits (`reference`, greedy `tokens`) against the float32 ones, which
+    come along under "logits" as the yardstick of every swarm path."""
+    fp32 = float32_logits(model, prompt, tokens)
+    return {**logits_error(reference, fp32.argmax(-1), fp32), "logits": fp32}
+
+
 def drift(model, prompt, tokens: torch.Tensor, reference: torch.Tensor, fp32: torch.Tensor | None) -> dict:
     """The swarm's logits teacher-forced on transformers' greedy tokens: how often its top-1 is the same token,
     and the largest relative error of a step's logits; and the same against the float32 computation (`fp32`)."""
@@ -500,12 +507,8 @@ def run_model(shape: str, quantization: str, gpus: int, bandwidth: float, flops:
         fp32 = None
         if quantization in ("none", "nf4"):
             log.info("%s: bf16 vs float32 drift", shape)
-            try:
-                fp32 = float32_logits(local, prompt, reference[0])
-                result["float32_drift"] = logits_error(reference[1], fp32.argmax(-1), fp32)
-            except Exception as e:  # the speed figures still count
-                log.exception("float32 reference failed")
-                result["float32_drift"] = {"error": f"{type(e).__name__}: {e}"}
+            result["float32_drift"] = checked(float32_drift, local, prompt, *reference)
+            fp32 = result["float32_drift"].pop("logits", None)
         for b in FORWARD_BATCHES:
             result["local"][f"forward_b{b}_tok_s"] = forward_tokens_per_s(local, b, config.vocab_size, 2)
     if quantization == "none":
