@@ -471,6 +471,10 @@ def swarm_path(path: str, config, folder: str, quantization: str, gpus: int, pro
         result["worker_notes"] = [line.strip() for w in swarm.workers for line in w.output
                                   if "compiled in" in line or "WARNING" in line and "RANDOM WEIGHTS" not in line]
     result["decode_steps_s"] = max(result["decode_relay_steps_s"], result["decode_push_steps_s"])
+    # the figures reach the log as each path ends, so a run cut off later still leaves them
+    log.info("%s: %.1f steps/s relayed, %.1f pushed; workers %s ms/step; drift %s", name,
+             result["decode_relay_steps_s"], result["decode_push_steps_s"], result["worker_step_ms_relay"],
+             result["drift"])
     del client
     gc.collect()
     torch.cuda.empty_cache()
