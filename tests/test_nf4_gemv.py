@@ -5,6 +5,8 @@ Skipped where there is no CUDA device or no bitsandbytes (CI); run on a GPU mach
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -60,17 +62,24 @@ def test_kernel_matches_dequantized_weights(n, k, nested):
         assert rel_error(out, reference(layer, x)) < REL_TOLERANCE
 
 
+# 35 scale blocks a row: every unroll leaves a partial step; then a persistent grid of 7 thread blocks, each walking
+# ~5 of the 33 tiles
+@pytest.mark.parametrize("persistent_grid", [None, 7])
 @pytest.mark.parametrize("nested", [True, False])
-def test_every_configuration_matches(nested):
-    layer = nf4_linear(528, 2240, nested)  # 35 scale blocks a row: every unroll leaves a partial step
+def test_every_configuration_matches(nested, persistent_grid):
+    layer = nf4_linear(528, 2240, nested)
     x = torch.randn(2240, dtype=torch.bfloat16, device="cuda")
     ref = reference(layer, x)
     ops = nf4_gemv.operands(layer.weight)
     for unroll in (1, 2, 3, 4):
         for warps in (1, 4, 8):
-            config = nf4_gemv.KernelConfig(unroll, warps, persistent=False)
+            config = nf4_gemv.KernelConfig(unroll, warps, persistent=persistent_grid is not None)
+            kernel = nf4_gemv.kernel(config, x.device)
+            if persistent_grid:
+                kernel = copy.copy(kernel)  # the cached one keeps its grid
+                kernel.resident = persistent_grid
             out = torch.full((528,), float("nan"), dtype=torch.bfloat16, device="cuda")  # every one written
-            nf4_gemv.kernel(config, x.device)(x, out, ops)
+            kernel(x, out, ops)
             assert torch.isfinite(out).all() and rel_error(out, ref) < REL_TOLERANCE, config
 
 

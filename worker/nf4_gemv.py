@@ -59,20 +59,12 @@ def config_for(n: int) -> KernelConfig:
 
 
 class Kernel:
-    """One configuration compiled for one device, with its grid size (resident blocks fill the GPU once)."""
+    """One configuration on one device: its compiled function (shared by the persistent and plain grids) and its grid
+    size (resident blocks fill the GPU once)."""
 
     def __init__(self, config: KernelConfig, device: torch.device):
-        started = time.perf_counter()
-        compile_kernel = getattr(torch.cuda, "compile_kernel", None) or torch.cuda._compile_kernel
-        defines = dict(NAME=config.name, UNROLL=config.unroll, WARPS=config.warps)
-        with torch.cuda.device(device):
-            self.fn = compile_kernel(SOURCE.read_text(), config.name,
-                                     nvcc_options=[f"-D{k}={v}" for k, v in defines.items()])
-            self.fn.set_shared_memory_config(config.shared_bytes)
-            self.resident = _resident_blocks(self.fn, config) * torch.cuda.get_device_properties(device).multi_processor_count
         self.config = config
-        log.info("compiled %s for %s in %.1f s (%d resident blocks)", config.name, device,
-                 time.perf_counter() - started, self.resident)
+        self.fn, self.resident = _compiled(config, device)
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor, operands: tuple) -> None:
         """out (n bfloat16) = the weight of `operands` (see `operands`) times x (k bfloat16, 16-byte aligned)."""
@@ -92,7 +84,25 @@ def _resident_blocks(fn, config: KernelConfig) -> int:
     return max(1, count.value)
 
 
+def _compiled(config: KernelConfig, device: torch.device) -> tuple:
+    key = (config.name, device.index)
+    if key not in _functions:
+        started = time.perf_counter()
+        compile_kernel = getattr(torch.cuda, "compile_kernel", None) or torch.cuda._compile_kernel
+        defines = dict(NAME=config.name, UNROLL=config.unroll, WARPS=config.warps)
+        with torch.cuda.device(device):
+            fn = compile_kernel(SOURCE.read_text(), config.name,
+                                nvcc_options=[f"-D{k}={v}" for k, v in defines.items()])
+            fn.set_shared_memory_config(config.shared_bytes)
+            resident = _resident_blocks(fn, config) * torch.cuda.get_device_properties(device).multi_processor_count
+        log.info("compiled %s for %s in %.1f s (%d resident blocks)", config.name, device,
+                 time.perf_counter() - started, resident)
+        _functions[key] = fn, resident
+    return _functions[key]
+
+
 _kernels: dict[tuple[KernelConfig, int], Kernel] = {}
+_functions: dict[tuple[str, int], tuple] = {}  # a configuration's compiled function and resident blocks
 _lock = threading.Lock()  # a worker's loader and compute threads may ask at once
 
 
