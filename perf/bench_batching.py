@@ -1,6 +1,7 @@
 """Worker-side batching of decode steps, on vs off: N sessions generating at once through one swarm.
 
     python perf/bench_batching.py [--sessions 1 4 8 16] [--new-tokens 32] [--threads 1] [--json PATH]
+    python perf/bench_batching.py --gpu llama3-8b [--quantization nf4]    # on a GPU machine
 
 SmolLM2-135M on 2 worker processes on loopback (blocks 0:15 and 15:30), started
 twice side by side: with the default max_decode_batch (steps of different
@@ -12,6 +13,13 @@ count the tokens after each session's first (prefill excluded): aggregate over
 the window from the first session's first token to the last token of any, and
 per session over its own decode. "batched" is the share of the workers' steps
 that ran in a pass with other sessions' steps.
+
+With --gpu SHAPE the workers are two halves of a random-weight model of that
+shape (perf/gpu_bench.py's shapes; bf16, or --quantization) on the first GPU,
+and the client runs on it too. There single-token steps of a session replay a
+CUDA graph; steps of such sessions that queue together share one eager pass
+only where the worker has measured that pass to cost less than replaying each
+session's graph in turn (worker/batching.py, PassCosts).
 """
 from __future__ import annotations
 
@@ -20,6 +28,7 @@ import json
 import logging
 import os
 import platform
+import sys
 import tempfile
 import threading
 import time
@@ -29,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger("bench_batching")
 
@@ -93,35 +103,71 @@ def worker_counts(endpoints: list[str]) -> list[int]:
     return [bus.run(ask(e)) for e in endpoints]
 
 
+def gpu_swarm(shape: str, quantization: str, folder: str) -> tuple:
+    """A random-weight model of `shape` for GPU workers: its config (saved in `folder`), the two workers' spans and
+    arguments, and a maker of clients holding the same random embeddings and head."""
+    from corolla.client.config import ClientConfig
+    from corolla.client.families import DistributedLlamaForCausalLM
+    from perf.gpu_bench import DTYPE, SEED, llama_config, random_causal_lm
+
+    config = llama_config(shape)
+    config.save_pretrained(folder)
+    half = config.num_hidden_layers // 2
+    args = [["--model", folder, "--blocks", span, "--device", "cuda:0", "--dtype", "bfloat16", "--random-weights",
+             "--seed", str(SEED), "--quantization", quantization, "--no-mdns"]
+            for span in (f"0:{half}", f"{half}:{config.num_hidden_layers}")]
+
+    def client(endpoints):
+        model = random_causal_lm(DistributedLlamaForCausalLM, config, DTYPE, "none")
+        model.attach_swarm(ClientConfig(initial_peers=endpoints, wire_dtype=None), Path(folder).name)
+        return model
+
+    return config, args, client
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sessions", type=int, nargs="+", default=[1, 4, 8, 16])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each worker and of the client")
     parser.add_argument("--json", default="perf/out/bench_batching.json")
+    parser.add_argument("--gpu", choices=["llama3-8b", "llama2-70b", "tiny"],
+                        help="a random-weight model of this shape on the first GPU instead of SmolLM2 on the CPU")
+    parser.add_argument("--quantization", default="none", choices=["none", "int8", "nf4"], help="with --gpu")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
+    if args.gpu and not torch.cuda.is_available():
+        parser.error("--gpu needs a CUDA GPU")
 
     from corolla import AutoDistributedModelForCausalLM
     from corolla.models.convert import convert
     from corolla.worker.launcher import LocalSwarm
 
-    folder = str(convert())
-    vocab = 49152
-    generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(0, vocab, (1, 8 + 4 * (i % 8)), generator=generator) for i in range(max(args.sessions))]
     results: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory() as config_dir, ExitStack() as stack:
+        if args.gpu:
+            config, spans, make_client = gpu_swarm(args.gpu, args.quantization, config_dir)
+            vocab, device, model_name = config.vocab_size, "cuda:0", f"{args.gpu} {args.quantization}, random weights"
+        else:
+            folder = str(convert())
+            spans = [["--model", folder, "--blocks", span, "--threads", str(args.threads), "--no-mdns"]
+                     for span in ("0:15", "15:30")]
+            vocab, device, model_name = 49152, "cpu", "SmolLM2-135M"
+
+            def make_client(endpoints):
+                return AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=endpoints)
+        generator = torch.Generator().manual_seed(0)
+        prompts = [torch.randint(0, vocab, (1, 8 + 4 * (i % 8)), generator=generator).to(device)
+                   for i in range(max(args.sessions))]
         off = Path(config_dir) / "off.yaml"
         off.write_text("max_decode_batch: 1\n")
         models, endpoints = {}, {}
         for mode, extra in (("on", []), ("off", ["--config", str(off)])):
-            worker_args = [["--model", folder, "--blocks", span, "--threads", str(args.threads), "--no-mdns", *extra]
-                           for span in ("0:15", "15:30")]
             log.info("batching %s: starting 2 workers", mode)
-            endpoints[mode] = stack.enter_context(LocalSwarm(worker_args)).endpoints
-            models[mode] = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=endpoints[mode])
+            swarm = LocalSwarm([[*span, *extra] for span in spans], timeout=600.0)
+            endpoints[mode] = stack.enter_context(swarm).endpoints
+            models[mode] = make_client(endpoints[mode])
         with torch.inference_mode():
             for model in models.values():
                 model.generate(prompts[0], max_new_tokens=2, do_sample=False)  # warm-up: connections, routing
@@ -137,7 +183,9 @@ def main() -> None:
                              figures["session_steps_s"], 100 * figures["batched"])
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s) each"
-    print(f"\nSmolLM2-135M on 2 workers on loopback, {args.new_tokens} new tokens per session, greedy; {machine}; "
+    if args.gpu:
+        machine = f"{torch.cuda.get_device_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
+    print(f"\n{model_name} on 2 workers on loopback, {args.new_tokens} new tokens per session, greedy; {machine}; "
           f"{date.today()}")
     print(f"{'sessions':>8} | {'aggregate tok/s':^25} | {'steps/s per session':^25} | {'batched':>7}")
     print(f"{'':>8} | {'off':>7} {'on':>7} {'ratio':>9} | {'off':>7} {'on':>7} {'ratio':>9} | {'on':>7}")

@@ -22,10 +22,10 @@ from corolla.bus.messages import (Ack, Backward, CloseSession, Forward, GradsRep
 from corolla.bus.security import Security
 from corolla.bus.server import RequestError
 from corolla.worker.adapters import AdapterSet
-from corolla.worker.batching import Row, groups, joinable, step_together
+from corolla.worker.batching import PassCosts, Row, groups, joinable, step_together
 from corolla.worker.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, PRIORITY_TRAINING, PriorityExecutor
 from corolla.worker.config import WorkerConfig
-from corolla.worker.cuda_graph import GraphDecoder, make_current
+from corolla.worker.cuda_graph import GraphDecoder, StaticSpanCache, make_current
 from corolla.worker.kv_cache import Session, SessionTable
 from corolla.worker.push import Mailbox, Pusher
 
@@ -50,6 +50,7 @@ class WorkerService:
                                         initializer=lambda: make_current(self.device))
         self.batched_steps = 0  # steps that ran in one pass with other sessions' steps
         self.decode_batches = 0  # such passes
+        self.pass_costs = PassCosts()  # whether graph sessions' steps should share an eager pass
         self.graphs = (GraphDecoder(span, start, end, hidden_size, self.dtype, self.device, config.compile_decode)
                        if self.device.type == "cuda" and config.cuda_graphs and adapters is None else None)
         self.started = time.time()
@@ -227,7 +228,7 @@ class WorkerService:
                 outcomes[i] = (None, e)
         index = {id(row): i for i, row in rows.items()}
         for together in groups(list(rows.values())) if len(rows) > 1 else []:
-            if len(together) < 2:
+            if len(together) < 2 or not self._batch_pays(together):
                 continue
             try:
                 for row, out in zip(together, self._step_together(together)):
@@ -243,14 +244,21 @@ class WorkerService:
                     outcomes[i] = (None, e)
         return outcomes
 
+    def _batch_pays(self, rows: list[Row]) -> bool:
+        """Rows of eager sessions always share a pass; rows of CUDA-graph sessions only where it beats their graphs."""
+        graphed = all(isinstance(row.session.cache, StaticSpanCache) for row in rows)
+        return not graphed or self.pass_costs.pays(len(rows))
+
     def _step_together(self, rows: list[Row]) -> list[torch.Tensor]:
         first = rows[0].session
 
         def run(hidden, mask, position_ids, cache):
             return self._run(hidden, mask, position_ids, cache, None, first.start, first.end, first.adapter)
 
+        started = time.perf_counter()
         with torch.inference_mode():
             outs = step_together(rows, self.span.new_cache(), run)
+        self._note(self.pass_costs.batch_s, started)
         for row in rows:
             row.session.mask = row.mask
             row.session.position += 1
@@ -284,14 +292,23 @@ class WorkerService:
         if t == 0:
             return hidden.new_zeros((b, 0, self.hidden_size))
         with torch.inference_mode():
+            captured, started = getattr(session.cache, "graph", None) is not None, time.perf_counter()
             out = (self.graphs.step(session.cache, session.position, hidden, msg.position_ids)
                    if self.graphs and mask is None and msg.prompts is None else None)
+            if out is not None and captured:  # a replay, not the capture
+                self._note(self.pass_costs.graph_s, started)
             if out is None:
                 out = self._run(hidden, mask, msg.position_ids, session.cache, msg.prompts, session.start,
                                 session.end, session.adapter)
         session.mask = mask
         session.position += t
         return out
+
+    def _note(self, samples, started: float) -> None:
+        """Seconds since `started` once the device is done (a replay's output is already on the host)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        samples.append(time.perf_counter() - started)
 
     def _forward(self, msg: Forward) -> torch.Tensor:
         self._check_stateless(msg)
