@@ -63,7 +63,9 @@ class PassCosts:
     refused: int = 0
 
     def pays(self, rows: int) -> bool:
-        if not self.graph_s or not self.batch_s:
+        if not self.graph_s:  # first the graph replays a pass must beat (each session's first one is its capture)
+            return False
+        if not self.batch_s:
             return True
         if rows * statistics.median(self.graph_s) > statistics.median(self.batch_s):
             return True
