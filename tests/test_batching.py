@@ -49,6 +49,33 @@ def test_compute_thread_takes_queued_jobs_of_a_group_together():
     assert calls == [["a1", "b1", "c1"], ["x1"], ["x2", "a2", "d1"], ["e1"]]
 
 
+@pytest.mark.parametrize("least", [4, 5])
+def test_jobs_that_would_not_share_a_pass_stay_queued_and_are_answered_one_by_one(least):
+    """Where a shared pass would not pay (graph sessions, worker/batching.py) the compute thread takes one job at a
+    time, so each step's reply leaves as soon as it is computed rather than with the others'."""
+    calls: list[list[str]] = []
+    gate = threading.Event()
+
+    def batch(items):
+        calls.append(list(items))
+        return [(item, None) for item in items]
+
+    async def go():
+        executor = PriorityExecutor(max_batch=4)
+        executor.shares_pass = lambda items: len(items) >= least
+        try:
+            blocked = executor.submit(PRIORITY_INFERENCE, gate.wait, 30)
+            futures = [executor.submit_batched(PRIORITY_INFERENCE, batch, name, "g", name) for name in "abcde"]
+            gate.set()
+            await blocked
+            assert await asyncio.gather(*futures) == list("abcde")
+        finally:
+            executor.shutdown()
+
+    asyncio.run(go())
+    assert calls == ([["a", "b", "c", "d"], ["e"]] if least == 4 else [[name] for name in "abcde"])
+
+
 @pytest.fixture(scope="module")
 def workers(smollm_folder, tmp_path_factory):
     """Two workers of SmolLM2's whole span: batching on (the default) and off."""

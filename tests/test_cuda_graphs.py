@@ -31,8 +31,9 @@ def test_graph_replays_and_batched_passes_interleave():
     prompts = [torch.randn(1, n, HIDDEN, device=DEVICE) for n in (5, 9)]
     tokens = [[torch.randn(1, 1, HIDDEN, device=DEVICE) for _ in range(4)] for _ in prompts]
 
-    def run(hidden, mask, position_ids, cache):
-        return span(hidden, attention_mask=mask, position_ids=position_ids, cache=cache)
+    def run(hidden, mask, position_ids, cache):  # step_together builds masks and positions on the host, as a worker
+        return span(hidden, attention_mask=None if mask is None else mask.to(DEVICE),
+                    position_ids=position_ids.to(DEVICE), cache=cache)
 
     with torch.inference_mode():
         want = []

@@ -51,6 +51,8 @@ class WorkerService:
         self.batched_steps = 0  # steps that ran in one pass with other sessions' steps
         self.decode_batches = 0  # such passes
         self.pass_costs = PassCosts()  # whether graph sessions' steps should share an eager pass
+        self.compute.shares_pass = lambda items: self._batch_pays([Row(session, msg.hidden, None, None)
+                                                                   for session, msg in items])
         self.graphs = (GraphDecoder(span, start, end, hidden_size, self.dtype, self.device, config.compile_decode)
                        if self.device.type == "cuda" and config.cuda_graphs and adapters is None else None)
         self.started = time.time()
