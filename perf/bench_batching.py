@@ -16,10 +16,14 @@ that ran in a pass with other sessions' steps.
 
 With --gpu SHAPE the workers are two halves of a random-weight model of that
 shape (perf/gpu_bench.py's shapes; bf16, or --quantization) on the first GPU,
-and the client runs on it too. There single-token steps of a session replay a
-CUDA graph; steps of such sessions that queue together share one eager pass
-only where the worker has measured that pass to cost less than replaying each
-session's graph in turn (worker/batching.py, PassCosts).
+and each session is a client process of its own on that GPU (one process's
+generate() threads share one GIL and cannot keep GPU workers busy: measured,
+perf/RESULTS.md); the two swarms run one after the other, so that the GPU holds
+one swarm and the clients (8B: 2 x 16 GB and ~2.5 GB a client; 16 sessions fit
+an H200, 8 an H100). There single-token steps of a session replay a CUDA graph;
+steps of such sessions that queue together share one eager pass only where the
+worker has measured that pass to cost less than replaying each session's graph
+in turn (worker/batching.py, PassCosts).
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ import json
 import logging
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,16 +46,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 log = logging.getLogger("bench_batching")
+DEVICE = "cuda:0" if torch.cuda.is_available() else "cpu"  # --gpu runs everything on the first GPU
 
 
 class TokenClock:
     """A generate() streamer that notes when each new token arrives (its first call carries the prompt)."""
 
-    def __init__(self):
+    def __init__(self, clock=time.perf_counter):
+        self.clock = clock
         self.times: list[float] = []
 
     def put(self, value) -> None:
-        self.times.append(time.perf_counter())
+        self.times.append(self.clock())
 
     def end(self) -> None:
         pass
@@ -76,11 +83,61 @@ def run_sessions(model, prompts: list[torch.Tensor], new_tokens: int) -> dict:
         t.join()
     if errors:
         raise errors[0]
-    decode = [c.times[1:] for c in clocks]  # times[0]: the prompt; times[1]: the first new token, after prefill
+    return decode_figures([c.times for c in clocks])
+
+
+def decode_figures(times: list[list[float]]) -> dict:
+    """Tokens/s from each session's token times (the first: the prompt; the second: the first new token, after
+    prefill): aggregate over the window of all sessions' decoding, and per session over its own."""
+    decode = [t[1:] for t in times]
     window = max(d[-1] for d in decode) - min(d[0] for d in decode)
     per_session = [(len(d) - 1) / (d[-1] - d[0]) for d in decode]
     return {"aggregate_tok_s": sum(len(d) - 1 for d in decode) / window,
             "session_steps_s": sum(per_session) / len(per_session)}
+
+
+def run_session_processes(shape: str, endpoints: list[str], model_id: str, n: int, new_tokens: int) -> dict:
+    """N sessions, each a client process of this script (`--client`): all build their model and warm up, then
+    start generating at once (a line on their standard input) and report their token times (one clock, the
+    system's monotonic one)."""
+    children = [subprocess.Popen([sys.executable, __file__, "--client", shape, "--endpoints", ",".join(endpoints),
+                                  "--model-id", model_id, "--prompt", str(i), "--new-tokens", str(new_tokens)],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) for i in range(n)]
+    try:
+        for child in children:
+            if child.stdout.readline().strip() != "ready":
+                raise RuntimeError(f"a client process failed to start (exit {child.wait()})")
+        for child in children:
+            child.stdin.write("go\n")
+            child.stdin.flush()
+        times = [json.loads(child.stdout.readline()) for child in children]
+        for child in children:
+            child.wait(timeout=60)
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.kill()
+    return decode_figures(times)
+
+
+def client_process(shape: str, endpoints: list[str], model_id: str, prompt_index: int, new_tokens: int) -> None:
+    """One session of run_session_processes."""
+    from perf.gpu_bench import llama_config
+    config = llama_config(shape)
+    model = gpu_client(config, endpoints, model_id)
+    prompt = prompt_ids(prompt_index, config.vocab_size).to(DEVICE)
+    clock = TokenClock(time.monotonic)
+    with torch.inference_mode():
+        model.generate(prompt, max_new_tokens=2, do_sample=False)  # warm-up: connections, routing, the graphs
+        print("ready", flush=True)
+        sys.stdin.readline()
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=clock)
+    print(json.dumps(clock.times), flush=True)
+
+
+def prompt_ids(i: int, vocab: int) -> torch.Tensor:
+    """Session i's prompt: random ids, of one of eight lengths."""
+    return torch.randint(0, vocab, (1, 8 + 4 * (i % 8)), generator=torch.Generator().manual_seed(i))
 
 
 def batched_share(endpoints: list[str], before: list[int], steps: int) -> float:
@@ -103,26 +160,63 @@ def worker_counts(endpoints: list[str]) -> list[int]:
     return [bus.run(ask(e)) for e in endpoints]
 
 
-def gpu_swarm(shape: str, quantization: str, folder: str) -> tuple:
-    """A random-weight model of `shape` for GPU workers: its config (saved in `folder`), the two workers' spans and
-    arguments, and a maker of clients holding the same random embeddings and head."""
-    from corolla.client.config import ClientConfig
-    from corolla.client.families import DistributedLlamaForCausalLM
-    from perf.gpu_bench import DTYPE, SEED, llama_config, random_causal_lm
+def gpu_workers(shape: str, quantization: str, folder: str) -> list[list[str]]:
+    """The arguments of two GPU workers serving half each of a random-weight model of `shape` (config saved in
+    `folder`)."""
+    from perf.gpu_bench import SEED, llama_config
 
     config = llama_config(shape)
     config.save_pretrained(folder)
     half = config.num_hidden_layers // 2
-    args = [["--model", folder, "--blocks", span, "--device", "cuda:0", "--dtype", "bfloat16", "--random-weights",
+    return [["--model", folder, "--blocks", span, "--device", DEVICE, "--dtype", "bfloat16", "--random-weights",
              "--seed", str(SEED), "--quantization", quantization, "--no-mdns"]
             for span in (f"0:{half}", f"{half}:{config.num_hidden_layers}")]
 
-    def client(endpoints):
-        model = random_causal_lm(DistributedLlamaForCausalLM, config, DTYPE, "none")
-        model.attach_swarm(ClientConfig(initial_peers=endpoints, wire_dtype=None), Path(folder).name)
-        return model
 
-    return config, args, client
+def gpu_client(config, endpoints: list[str], model_id: str):
+    """A client with the random embeddings and head that match gpu_workers' blocks."""
+    from corolla.client.config import ClientConfig
+    from corolla.client.families import DistributedLlamaForCausalLM
+    from perf.gpu_bench import DTYPE, random_causal_lm
+
+    model = random_causal_lm(DistributedLlamaForCausalLM, config, DTYPE, "none", DEVICE)
+    model.attach_swarm(ClientConfig(initial_peers=endpoints, wire_dtype=None), model_id)
+    return model
+
+
+def side_by_side(args, modes, results: dict, swarm_cls) -> None:
+    """SmolLM2 on the CPU: both swarms at once, each N run on both back to back (so both see the same machine), the
+    sessions as threads of this process."""
+    from corolla import AutoDistributedModelForCausalLM
+    from corolla.models.convert import convert
+
+    folder = str(convert())
+    prompts = [prompt_ids(i, 49152) for i in range(max(args.sessions))]
+    with ExitStack() as stack:
+        models, endpoints = {}, {}
+        for mode, extra in modes:
+            log.info("batching %s: starting 2 workers", mode)
+            worker_args = [["--model", folder, "--blocks", span, "--threads", str(args.threads), "--no-mdns", *extra]
+                           for span in ("0:15", "15:30")]
+            endpoints[mode] = stack.enter_context(swarm_cls(worker_args)).endpoints
+            models[mode] = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=endpoints[mode])
+        with torch.inference_mode():
+            for model in models.values():
+                model.generate(prompts[0], max_new_tokens=2, do_sample=False)  # warm-up: connections, routing
+            for n in args.sessions:
+                for mode in ("off", "on"):
+                    before = worker_counts(endpoints[mode])
+                    figures = run_sessions(models[mode], prompts[:n], args.new_tokens)
+                    note(results, mode, n, figures, endpoints[mode], before, args.new_tokens)
+
+
+def note(results: dict, mode: str, n: int, figures: dict, endpoints: list[str], before: list[int],
+         new_tokens: int) -> None:
+    steps = 2 * n * (new_tokens - 1)  # decode steps, on each of the 2 workers
+    figures["batched"] = batched_share(endpoints, before, steps)
+    results.setdefault(mode, {})[n] = figures
+    log.info("batching %-3s %2d sessions: %7.1f tok/s aggregate, %5.1f steps/s per session, %3.0f%% of steps "
+             "batched", mode, n, figures["aggregate_tok_s"], figures["session_steps_s"], 100 * figures["batched"])
 
 
 def main() -> None:
@@ -134,53 +228,39 @@ def main() -> None:
     parser.add_argument("--gpu", choices=["llama3-8b", "llama2-70b", "tiny"],
                         help="a random-weight model of this shape on the first GPU instead of SmolLM2 on the CPU")
     parser.add_argument("--quantization", default="none", choices=["none", "int8", "nf4"], help="with --gpu")
+    parser.add_argument("--client", help=argparse.SUPPRESS)  # a session's process of --gpu: its model's shape
+    parser.add_argument("--endpoints", help=argparse.SUPPRESS)
+    parser.add_argument("--model-id", help=argparse.SUPPRESS)
+    parser.add_argument("--prompt", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.client:
+        return client_process(args.client, args.endpoints.split(","), args.model_id, args.prompt, args.new_tokens)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     if args.gpu and not torch.cuda.is_available():
         parser.error("--gpu needs a CUDA GPU")
 
-    from corolla import AutoDistributedModelForCausalLM
-    from corolla.models.convert import convert
     from corolla.worker.launcher import LocalSwarm
 
     results: dict[str, dict[int, dict]] = {}
-    with tempfile.TemporaryDirectory() as config_dir, ExitStack() as stack:
-        if args.gpu:
-            config, spans, make_client = gpu_swarm(args.gpu, args.quantization, config_dir)
-            vocab, device, model_name = config.vocab_size, "cuda:0", f"{args.gpu} {args.quantization}, random weights"
-        else:
-            folder = str(convert())
-            spans = [["--model", folder, "--blocks", span, "--threads", str(args.threads), "--no-mdns"]
-                     for span in ("0:15", "15:30")]
-            vocab, device, model_name = 49152, "cpu", "SmolLM2-135M"
-
-            def make_client(endpoints):
-                return AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=endpoints)
-        generator = torch.Generator().manual_seed(0)
-        prompts = [torch.randint(0, vocab, (1, 8 + 4 * (i % 8)), generator=generator).to(device)
-                   for i in range(max(args.sessions))]
+    with tempfile.TemporaryDirectory() as config_dir:
         off = Path(config_dir) / "off.yaml"
         off.write_text("max_decode_batch: 1\n")
-        models, endpoints = {}, {}
-        for mode, extra in (("on", []), ("off", ["--config", str(off)])):
-            log.info("batching %s: starting 2 workers", mode)
-            swarm = LocalSwarm([[*span, *extra] for span in spans], timeout=600.0)
-            endpoints[mode] = stack.enter_context(swarm).endpoints
-            models[mode] = make_client(endpoints[mode])
-        with torch.inference_mode():
-            for model in models.values():
-                model.generate(prompts[0], max_new_tokens=2, do_sample=False)  # warm-up: connections, routing
-            for n in args.sessions:
-                for mode in ("off", "on"):  # back to back, so both see the same machine
-                    before = worker_counts(endpoints[mode])
-                    figures = run_sessions(models[mode], prompts[:n], args.new_tokens)
-                    steps = 2 * n * (args.new_tokens - 1)  # decode steps, on each of the 2 workers
-                    figures["batched"] = batched_share(endpoints[mode], before, steps)
-                    results.setdefault(mode, {})[n] = figures
-                    log.info("batching %-3s %2d sessions: %7.1f tok/s aggregate, %5.1f steps/s per session, "
-                             "%3.0f%% of steps batched", mode, n, figures["aggregate_tok_s"],
-                             figures["session_steps_s"], 100 * figures["batched"])
+        modes = (("on", []), ("off", ["--config", str(off)]))
+        if args.gpu:
+            model_name = f"{args.gpu} {args.quantization}, random weights"
+            workers = gpu_workers(args.gpu, args.quantization, config_dir)
+            for mode, extra in modes:  # one swarm at a time: the GPU holds it and the sessions' clients
+                log.info("batching %s: starting 2 workers", mode)
+                with LocalSwarm([[*w, *extra] for w in workers], timeout=600.0) as swarm:
+                    for n in args.sessions:
+                        before = worker_counts(swarm.endpoints)
+                        figures = run_session_processes(args.gpu, swarm.endpoints, Path(config_dir).name, n,
+                                                        args.new_tokens)
+                        note(results, mode, n, figures, swarm.endpoints, before, args.new_tokens)
+        else:
+            model_name = "SmolLM2-135M"
+            side_by_side(args, modes, results, LocalSwarm)
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s) each"
     if args.gpu:

@@ -87,7 +87,7 @@ def llama_config(shape: str, dtype: torch.dtype = DTYPE):
     return config
 
 
-def random_causal_lm(cls, config, dtype: torch.dtype, quantization: str):
+def random_causal_lm(cls, config, dtype: torch.dtype, quantization: str, device: str = DEVICE):
     """A causal LM (transformers' or Corolla's client) with the same random weights as `random_span` gives the
     workers: blocks from their per-block generators, embeddings / norm / head from the head's."""
     from corolla.worker.quantize import quantize_linears
@@ -96,13 +96,13 @@ def random_causal_lm(cls, config, dtype: torch.dtype, quantization: str):
     with torch.device("meta"):
         model = cls(config)
     base = model.model
-    head = block_generator(SEED, HEAD_BLOCK, DEVICE)
+    head = block_generator(SEED, HEAD_BLOCK, device)
     for module in (base.embed_tokens, base.norm, model.lm_head):
-        fill_random_(module, head, dtype, DEVICE)
-    with torch.device(DEVICE):
+        fill_random_(module, head, dtype, device)
+    with torch.device(device):
         base.rotary_emb = type(base.rotary_emb)(config=config)
     for i, layer in enumerate(base.layers if isinstance(base.layers, torch.nn.ModuleList) else ()):
-        fill_random_(layer, block_generator(SEED, i, DEVICE), dtype, DEVICE)
+        fill_random_(layer, block_generator(SEED, i, device), dtype, device)
         quantize_linears(layer, quantization, nf4_kernel=False)  # the baseline: bitsandbytes as it is
     return model.eval()
 

@@ -264,3 +264,15 @@ def test_sessions_on_the_tail_of_the_span_are_batched_too(workers, smollm_local)
         client.close([*ids, f"tail-{mode}-blocker-0", f"tail-{mode}-blocker-1"])
     assert counted == {"on": (2 * len(lengths), 2), "off": (0, 0)}
     assert (outputs["on"] - outputs["off"]).abs().max() / outputs["off"].abs().max() < 1e-5  # float32, padded
+
+
+@pytest.mark.slow
+def test_benchmark_sessions_in_processes_of_their_own(tmp_path):
+    """perf/bench_batching.py --gpu's sessions, each a client process, all starting at once: here on the CPU with its
+    smallest shape, so the script's protocol (ready, go, token times) is checked where CI runs."""
+    from perf import bench_batching
+
+    with LocalSwarm(bench_batching.gpu_workers("tiny", "none", str(tmp_path))) as swarm:
+        figures = bench_batching.run_session_processes("tiny", swarm.endpoints, tmp_path.name, 3, 5)
+    # sessions that ran one after another would give the same tokens/s in all as each gives alone
+    assert figures["aggregate_tok_s"] > 1.2 * figures["session_steps_s"] > 0
