@@ -184,11 +184,12 @@ def gpu_client(config, endpoints: list[str], model_id: str):
     return model
 
 
-def side_by_side(args, modes, results: dict, swarm_cls) -> None:
+def side_by_side(args, modes, results: dict) -> None:
     """SmolLM2 on the CPU: both swarms at once, each N run on both back to back (so both see the same machine), the
     sessions as threads of this process."""
     from corolla import AutoDistributedModelForCausalLM
     from corolla.models.convert import convert
+    from corolla.worker.launcher import LocalSwarm
 
     folder = str(convert())
     prompts = [prompt_ids(i, 49152) for i in range(max(args.sessions))]
@@ -198,13 +199,13 @@ def side_by_side(args, modes, results: dict, swarm_cls) -> None:
             log.info("batching %s: starting 2 workers", mode)
             worker_args = [["--model", folder, "--blocks", span, "--threads", str(args.threads), "--no-mdns", *extra]
                            for span in ("0:15", "15:30")]
-            endpoints[mode] = stack.enter_context(swarm_cls(worker_args)).endpoints
+            endpoints[mode] = stack.enter_context(LocalSwarm(worker_args)).endpoints
             models[mode] = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=endpoints[mode])
         with torch.inference_mode():
             for model in models.values():
                 model.generate(prompts[0], max_new_tokens=2, do_sample=False)  # warm-up: connections, routing
             for n in args.sessions:
-                for mode in ("off", "on"):
+                for mode in ("off", "on"):  # back to back
                     before = worker_counts(endpoints[mode])
                     figures = run_sessions(models[mode], prompts[:n], args.new_tokens)
                     note(results, mode, n, figures, endpoints[mode], before, args.new_tokens)
@@ -260,7 +261,7 @@ def main() -> None:
                         note(results, mode, n, figures, swarm.endpoints, before, args.new_tokens)
         else:
             model_name = "SmolLM2-135M"
-            side_by_side(args, modes, results, LocalSwarm)
+            side_by_side(args, modes, results)
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} thread(s) each"
     if args.gpu:
