@@ -51,8 +51,7 @@ class WorkerService:
         self.batched_steps = 0  # steps that ran in one pass with other sessions' steps
         self.decode_batches = 0  # such passes
         self.pass_costs = PassCosts()  # whether graph sessions' steps should share an eager pass
-        self.compute.shares_pass = lambda items: self._batch_pays([Row(session, msg.hidden, None, None)
-                                                                   for session, msg in items])
+        self.compute.shares_pass = lambda items: self._shares_pass([session for session, _ in items])
         self.graphs = (GraphDecoder(span, start, end, hidden_size, self.dtype, self.device, config.compile_decode)
                        if self.device.type == "cuda" and config.cuda_graphs and adapters is None else None)
         self.started = time.time()
@@ -230,7 +229,7 @@ class WorkerService:
                 outcomes[i] = (None, e)
         index = {id(row): i for i, row in rows.items()}
         for together in groups(list(rows.values())) if len(rows) > 1 else []:
-            if len(together) < 2 or not self._batch_pays(together):
+            if len(together) < 2:
                 continue
             try:
                 for row, out in zip(together, self._step_together(together)):
@@ -246,10 +245,11 @@ class WorkerService:
                     outcomes[i] = (None, e)
         return outcomes
 
-    def _batch_pays(self, rows: list[Row]) -> bool:
-        """Rows of eager sessions always share a pass; rows of CUDA-graph sessions only where it beats their graphs."""
-        graphed = all(isinstance(row.session.cache, StaticSpanCache) for row in rows)
-        return not graphed or self.pass_costs.pays(len(rows))
+    def _shares_pass(self, sessions: list[Session]) -> bool:
+        """Whether the compute thread takes these sessions' queued steps together (the one place this is decided):
+        eager sessions' always, CUDA-graph sessions' only where a pass beats replaying their graphs."""
+        graphed = all(isinstance(session.cache, StaticSpanCache) for session in sessions)
+        return not graphed or self.pass_costs.pays(len(sessions))
 
     def _step_together(self, rows: list[Row]) -> list[torch.Tensor]:
         first = rows[0].session
@@ -260,7 +260,9 @@ class WorkerService:
         started = time.perf_counter()
         with torch.inference_mode():
             outs = step_together(rows, self.span.new_cache(), run)
-        self._note(self.pass_costs.batch_s, started)
+        if self.device.type == "cuda":  # the pass's time once the device is done (a replay's output is on the host)
+            torch.cuda.synchronize(self.device)
+        self.pass_costs.batch_s.append(time.perf_counter() - started)
         for row in rows:
             row.session.mask = row.mask
             row.session.position += 1
@@ -298,19 +300,13 @@ class WorkerService:
             out = (self.graphs.step(session.cache, session.position, hidden, msg.position_ids)
                    if self.graphs and mask is None and msg.prompts is None else None)
             if out is not None and captured:  # a replay, not the capture
-                self._note(self.pass_costs.graph_s, started)
+                self.pass_costs.graph_s.append(time.perf_counter() - started)
             if out is None:
                 out = self._run(hidden, mask, msg.position_ids, session.cache, msg.prompts, session.start,
                                 session.end, session.adapter)
         session.mask = mask
         session.position += t
         return out
-
-    def _note(self, samples, started: float) -> None:
-        """Seconds since `started` once the device is done (a replay's output is already on the host)."""
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        samples.append(time.perf_counter() - started)
 
     def _forward(self, msg: Forward) -> torch.Tensor:
         self._check_stateless(msg)
