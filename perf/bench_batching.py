@@ -140,11 +140,12 @@ def prompt_ids(i: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, 8 + 4 * (i % 8)), generator=torch.Generator().manual_seed(i))
 
 
-def batched_share(endpoints: list[str], before: list[int], steps: int) -> float:
-    return sum(after - b for after, b in zip(worker_counts(endpoints), before)) / steps
-
-
 def worker_counts(endpoints: list[str]) -> list[int]:
+    return [extra["batched_steps"] for extra in worker_extras(endpoints)]
+
+
+def worker_extras(endpoints: list[str]) -> list[dict]:
+    """Each worker's info extras: its batching counters and the pass costs it decides by."""
     from corolla.bus.client import BusLoop, Connection
     from corolla.bus.messages import InfoRequest
 
@@ -153,7 +154,7 @@ def worker_counts(endpoints: list[str]) -> list[int]:
     async def ask(endpoint):
         conn = Connection(endpoint, bus.context)
         try:
-            return (await conn.request(InfoRequest(), 10.0)).extra["batched_steps"]
+            return (await conn.request(InfoRequest(), 10.0)).extra
         finally:
             await conn.close()
 
@@ -214,10 +215,19 @@ def side_by_side(args, modes, results: dict) -> None:
 def note(results: dict, mode: str, n: int, figures: dict, endpoints: list[str], before: list[int],
          new_tokens: int) -> None:
     steps = 2 * n * (new_tokens - 1)  # decode steps, on each of the 2 workers
-    figures["batched"] = batched_share(endpoints, before, steps)
+    extras = worker_extras(endpoints)
+    figures["batched"] = sum(e["batched_steps"] - b for e, b in zip(extras, before)) / steps
+    figures["pass_costs_ms"] = [{k: e.get(k) for k in ("graph_step_ms", "batched_pass_ms")} for e in extras]
     results.setdefault(mode, {})[n] = figures
+    costs = "; ".join(f"graph step {_ms(c['graph_step_ms'])}, batched pass {_ms(c['batched_pass_ms'])}"
+                      for c in figures["pass_costs_ms"])
     log.info("batching %-3s %2d sessions: %7.1f tok/s aggregate, %5.1f steps/s per session, %3.0f%% of steps "
-             "batched", mode, n, figures["aggregate_tok_s"], figures["session_steps_s"], 100 * figures["batched"])
+             "batched (workers' recent costs: %s)", mode, n, figures["aggregate_tok_s"], figures["session_steps_s"],
+             100 * figures["batched"], costs)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
 
 
 def main() -> None:

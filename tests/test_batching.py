@@ -260,7 +260,15 @@ def test_benchmark_sessions_in_processes_of_their_own(tmp_path):
     smallest shape, so the script's protocol (ready, go, token times) is checked where CI runs."""
     from perf import bench_batching
 
+    results: dict = {}
     with LocalSwarm(bench_batching.gpu_workers("tiny", "none", str(tmp_path))) as swarm:
+        before = bench_batching.worker_counts(swarm.endpoints)
         figures = bench_batching.run_session_processes("tiny", swarm.endpoints, tmp_path.name, 3, 5)
+        bench_batching.note(results, "on", 3, figures, swarm.endpoints, before, 5)
     # sessions that ran one after another would give the same tokens/s in all as each gives alone
     assert figures["aggregate_tok_s"] > 1.2 * figures["session_steps_s"] > 0
+    run = results["on"][3]
+    assert 0 <= run["batched"] <= 1
+    # CPU workers replay no graphs; a worker that ran a batched pass reports what its recent ones cost
+    assert [c["graph_step_ms"] for c in run["pass_costs_ms"]] == [None, None]
+    assert (run["batched"] > 0) == any(c["batched_pass_ms"] for c in run["pass_costs_ms"])

@@ -193,11 +193,13 @@ def test_static_cache_sessions_step_together_as_they_step_alone():
 
 def test_graph_sessions_share_a_pass_only_where_it_beats_their_graphs():
     costs = PassCosts()
+    assert costs.medians_ms() == {"graph_step_ms": None, "batched_pass_ms": None}
     assert not costs.pays(16)  # no graph replay measured yet: the baseline comes first
     costs.graph_s.extend([0.004] * 3)
     assert costs.pays(2)  # no pass measured yet: try one
     costs.batch_s.extend([0.5, 0.012, 0.013])  # the first pass's allocations are outvoted by the median
     assert costs.pays(4) and not costs.pays(3) and not costs.pays(2)
+    assert costs.medians_ms() == pytest.approx({"graph_step_ms": 4.0, "batched_pass_ms": 13.0})
     assert sum(costs.pays(2) for _ in range(REPROBE_EVERY)) == 1  # now and then a pass anyway, to re-measure
 
 

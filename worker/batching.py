@@ -72,6 +72,11 @@ class PassCosts:
         self.refused += 1
         return self.refused % REPROBE_EVERY == 0
 
+    def medians_ms(self) -> dict[str, float | None]:
+        """The two costs as the decision sees them (a worker's info reports them)."""
+        return {name: 1e3 * statistics.median(samples) if samples else None
+                for name, samples in (("graph_step_ms", self.graph_s), ("batched_pass_ms", self.batch_s))}
+
 
 def groups(rows: list[Row]) -> list[list[Row]]:
     """The rows in passes whose padded cache holds at most twice their real tokens, longest sessions first."""

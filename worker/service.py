@@ -117,7 +117,7 @@ class WorkerService:
                           cache_tokens_free=self.sessions.free_tokens, cache_tokens_total=self.sessions.budget_tokens,
                           adapters=self.adapters.names if self.adapters else [],
                           extra={"pushes_received": self.mailbox.delivered, "batched_steps": self.batched_steps,
-                                 "decode_batches": self.decode_batches})
+                                 "decode_batches": self.decode_batches, **self.pass_costs.medians_ms()})
 
     # ---- validation, on the event loop ---------------------------------------------------
 
