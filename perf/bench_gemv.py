@@ -50,7 +50,7 @@ METHODS = ("bf16", "nf4-bnb", "nf4")
 NF4_REL_TOLERANCE = 1e-2  # bf16 inputs and outputs, float32 sums: ~3e-3 expected
 SWEEP_BYTES = 1 << 30  # distinct weights per shape in a sweep, far beyond L2
 SWEEP_CONFIGS = [nf4_gemv.KernelConfig(unroll, warps, persistent)
-                 for unroll, warps, persistent in itertools.product((1, 2, 3, 4), (4, 8), (False, True))]
+                 for unroll, warps, persistent in itertools.product((1, 2, 3, 4), (4, 8, 16), (False, True))]
 
 
 def layers(shapes: list[tuple[int, int]], blocks: int, device: torch.device) -> list[nn.Linear]:

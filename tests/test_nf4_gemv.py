@@ -72,7 +72,7 @@ def test_every_configuration_matches(nested, persistent_grid):
     ref = reference(layer, x)
     ops = nf4_gemv.operands(layer.weight)
     for unroll in (1, 2, 3, 4):
-        for warps in (1, 4, 8):
+        for warps in (1, 4, 8, 16):
             config = nf4_gemv.KernelConfig(unroll, warps, persistent=persistent_grid is not None)
             kernel = nf4_gemv.kernel(config, x.device)
             if persistent_grid:

@@ -47,10 +47,10 @@ class KernelConfig:
         return TABLE_BYTES + SCALE_CODES * 4 + self.warps * TILE_ROWS * 4
 
 
-# the fastest for a 70B block's wide and narrow (k, v) layers in a sweep of every configuration on an H100
-# (2026-12-06, perf/RESULTS.md)
+# the fastest for a 70B block's wide layers, and for the narrow (k, v) layers of both the 70B and 8B shapes, in sweeps
+# of every configuration on an H100 (2026-12-06 and 2026-12-07, perf/RESULTS.md)
 DEFAULT_CONFIG = KernelConfig(unroll=2, warps=4, persistent=True)
-NARROW_CONFIG = KernelConfig(unroll=3, warps=8, persistent=True)
+NARROW_CONFIG = KernelConfig(unroll=2, warps=16, persistent=True)
 NARROW_ROWS = 4096
 
 
