@@ -20,10 +20,12 @@ and each session is a client process of its own on that GPU (one process's
 generate() threads share one GIL and cannot keep GPU workers busy: measured,
 perf/RESULTS.md); the two swarms run one after the other, so that the GPU holds
 one swarm and the clients (8B: 2 x 16 GB and ~2.5 GB a client; 16 sessions fit
-an H200, 8 an H100). There single-token steps of a session replay a CUDA graph;
-steps of such sessions that queue together share one eager pass only where the
-worker has measured that pass to cost less than replaying each session's graph
-in turn (worker/batching.py, PassCosts).
+an H200 and an H100). There a batch-1 session's single-token steps replay a
+CUDA graph and never share a pass (an eager pass is launch-bound on the GPU
+machines' hosts: measured, perf/RESULTS.md), so the comparison is what batching
+would have to beat: "on" workers run without CUDA graphs (`cuda_graphs: false`,
+steps batched across sessions), "off" workers replay each session's graph (the
+default, one step at a time).
 """
 from __future__ import annotations
 
@@ -140,12 +142,11 @@ def prompt_ids(i: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, 8 + 4 * (i % 8)), generator=torch.Generator().manual_seed(i))
 
 
+def batched_share(endpoints: list[str], before: list[int], steps: int) -> float:
+    return sum(after - b for after, b in zip(worker_counts(endpoints), before)) / steps
+
+
 def worker_counts(endpoints: list[str]) -> list[int]:
-    return [extra["batched_steps"] for extra in worker_extras(endpoints)]
-
-
-def worker_extras(endpoints: list[str]) -> list[dict]:
-    """Each worker's info extras: its batching counters and the pass costs it decides by."""
     from corolla.bus.client import BusLoop, Connection
     from corolla.bus.messages import InfoRequest
 
@@ -154,7 +155,7 @@ def worker_extras(endpoints: list[str]) -> list[dict]:
     async def ask(endpoint):
         conn = Connection(endpoint, bus.context)
         try:
-            return (await conn.request(InfoRequest(), 10.0)).extra
+            return (await conn.request(InfoRequest(), 10.0)).extra["batched_steps"]
         finally:
             await conn.close()
 
@@ -215,19 +216,10 @@ def side_by_side(args, modes, results: dict) -> None:
 def note(results: dict, mode: str, n: int, figures: dict, endpoints: list[str], before: list[int],
          new_tokens: int) -> None:
     steps = 2 * n * (new_tokens - 1)  # decode steps, on each of the 2 workers
-    extras = worker_extras(endpoints)
-    figures["batched"] = sum(e["batched_steps"] - b for e, b in zip(extras, before)) / steps
-    figures["pass_costs_ms"] = [{k: e.get(k) for k in ("graph_step_ms", "batched_pass_ms")} for e in extras]
+    figures["batched"] = batched_share(endpoints, before, steps)
     results.setdefault(mode, {})[n] = figures
-    costs = "; ".join(f"graph step {_ms(c['graph_step_ms'])}, batched pass {_ms(c['batched_pass_ms'])}"
-                      for c in figures["pass_costs_ms"])
     log.info("batching %-3s %2d sessions: %7.1f tok/s aggregate, %5.1f steps/s per session, %3.0f%% of steps "
-             "batched (workers' recent costs: %s)", mode, n, figures["aggregate_tok_s"], figures["session_steps_s"],
-             100 * figures["batched"], costs)
-
-
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f} ms"
+             "batched", mode, n, figures["aggregate_tok_s"], figures["session_steps_s"], 100 * figures["batched"])
 
 
 def main() -> None:
@@ -255,9 +247,10 @@ def main() -> None:
 
     results: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory() as config_dir:
-        off = Path(config_dir) / "off.yaml"
-        off.write_text("max_decode_batch: 1\n")
-        modes = (("on", []), ("off", ["--config", str(off)]))
+        off_yaml, eager_yaml = Path(config_dir) / "off.yaml", Path(config_dir) / "eager.yaml"
+        off_yaml.write_text("max_decode_batch: 1\n")
+        eager_yaml.write_text("cuda_graphs: false\n")
+        modes = (("on", ["--config", str(eager_yaml)] if args.gpu else []), ("off", ["--config", str(off_yaml)]))
         if args.gpu:
             model_name = f"{args.gpu} {args.quantization}, random weights"
             workers = gpu_workers(args.gpu, args.quantization, config_dir)
@@ -278,6 +271,9 @@ def main() -> None:
         machine = f"{torch.cuda.get_device_name()}, {os.cpu_count()} cores, torch {torch.__version__}"
     print(f"\n{model_name} on 2 workers on loopback, {args.new_tokens} new tokens per session, greedy; {machine}; "
           f"{date.today()}")
+    if args.gpu:
+        print("on: eager steps, batched across sessions (cuda_graphs: false); off: each session's CUDA graph, one step "
+              "at a time (the default)")
     print(f"{'sessions':>8} | {'aggregate tok/s':^25} | {'steps/s per session':^25} | {'batched':>7}")
     print(f"{'':>8} | {'off':>7} {'on':>7} {'ratio':>9} | {'off':>7} {'on':>7} {'ratio':>9} | {'on':>7}")
     for n in args.sessions:

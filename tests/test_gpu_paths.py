@@ -14,10 +14,8 @@ from transformers import DynamicCache, LlamaConfig
 
 from corolla.client.config import ClientConfig
 from corolla.client.families import DistributedLlamaForCausalLM
-from corolla.worker.batching import REPROBE_EVERY, PassCosts, Row, joinable, step_together
 from corolla.worker.config import ConfigError, WorkerConfig
 from corolla.worker.cuda_graph import GraphDecoder, StaticSpanCache
-from corolla.worker.kv_cache import Session
 from corolla.worker.launcher import LocalSwarm
 from corolla.worker.memory import check_fits, span_bytes
 from corolla.worker.quantize import quantize_linears, weight_bytes
@@ -163,44 +161,6 @@ def test_static_cache_rolls_back_to_a_position():
         assert int(cache.get_seq_length()) == 5
         got = _steps(span, cache, [(fresh, 5)])[0]
     assert (got - want).abs().max() < 1e-5
-
-
-def test_static_cache_sessions_step_together_as_they_step_alone():
-    """Graph sessions (static caches) of different lengths share one pass with an eager session: each output is its
-    solo step's, and each static cache, written back in place, goes on stepping as if the pass had been its own."""
-    span = random_span(tiny_config(), 0, 4, torch.float32, "cpu", seed=3)
-    prompts = [torch.randn(1, n, HIDDEN) for n in (5, 9, 3)]
-    tokens = [[torch.randn(1, 1, HIDDEN) for _ in range(2)] for _ in prompts]
-    with torch.inference_mode():
-        want = [_steps(span, DynamicCache(config=span.span_config), [(p, 0), (t[0], len(p[0])), (t[1], len(p[0]) + 1)])
-                for p, t in zip(prompts, tokens)]
-        caches = [StaticSpanCache(len(span.layers), 16), StaticSpanCache(len(span.layers), 16),
-                  DynamicCache(config=span.span_config)]
-        sessions = []
-        for k, (prompt, cache) in enumerate(zip(prompts, caches)):
-            _steps(span, cache, [(prompt, 0)])
-            sessions.append(Session(f"s{k}", 0, 4, 1, 16, cache, position=prompt.shape[1]))
-        assert all(joinable(c) for c in caches)
-        rows = [Row(s, t[0], None, None) for s, t in zip(sessions, tokens)]
-        together = step_together(rows, span.new_cache(),
-                                 lambda h, m, pos, c: span(h, attention_mask=m, position_ids=pos, cache=c))
-        for k, (session, t) in enumerate(zip(sessions, tokens)):
-            assert (together[k] - want[k][1]).abs().max() < 1e-5
-            after = _steps(span, session.cache, [(t[1], session.position + 1)])[0]
-            assert (after - want[k][2]).abs().max() < 1e-5
-        assert int(caches[0].get_seq_length()) == 7 and int(caches[1].get_seq_length()) == 11
-
-
-def test_graph_sessions_share_a_pass_only_where_it_beats_their_graphs():
-    costs = PassCosts()
-    assert costs.medians_ms() == {"graph_step_ms": None, "batched_pass_ms": None}
-    assert not costs.pays(16)  # no graph replay measured yet: the baseline comes first
-    costs.graph_s.extend([0.004] * 3)
-    assert costs.pays(2)  # no pass measured yet: try one
-    costs.batch_s.extend([0.5, 0.012, 0.013])  # the first pass's allocations are outvoted by the median
-    assert costs.pays(4) and not costs.pays(3) and not costs.pays(2)
-    assert costs.medians_ms() == pytest.approx({"graph_step_ms": 4.0, "batched_pass_ms": 13.0})
-    assert sum(costs.pays(2) for _ in range(REPROBE_EVERY)) == 1  # now and then a pass anyway, to re-measure
 
 
 def test_graph_sessions_are_batch_1_whole_span_without_adapters():

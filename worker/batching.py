@@ -9,19 +9,13 @@ the pass each session gets back its own cache, padding dropped, with the new
 token appended (a view of the pass's tensors until its next step). Rows are
 grouped so that padding never exceeds the real tokens of a pass: a long session
 beside many short ones must not multiply the cache memory. Only sessions of the
-same blocks join, if their cache layers are all plain DynamicLayers or all the
-static layers of CUDA-graph decode (worker/cuda_graph.py); sliding-window caches
-keep their own path. A static cache lends the pass its filled part and gets the
-new token written back in place, so its session's graph replays on afterwards.
-Whether graph sessions should share an eager pass at all is PassCosts' call:
-one graph replay costs a fraction of an eager step, so the pass pays only for
-enough rows.
+same blocks whose cache layers are all plain DynamicLayers join: sliding-window
+caches, and the static caches of CUDA-graph decode (worker/cuda_graph.py), keep
+their own path.
 """
 from __future__ import annotations
 
-import statistics
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -29,11 +23,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from corolla.worker.cuda_graph import StaticSpanLayer
 from corolla.worker.kv_cache import Session
-
-COST_SAMPLES = 5  # recent passes whose median stands for each cost: one slow first pass (allocations) is outvoted
-REPROBE_EVERY = 16  # refused passes between two that are run anyway, to keep the batched pass's cost current
 
 
 @dataclass
@@ -47,35 +37,7 @@ class Row:
 
 
 def joinable(cache) -> bool:
-    kinds = {type(layer) for layer in cache.layers}
-    return kinds <= {DynamicLayer} or kinds == {StaticSpanLayer}
-
-
-@dataclass
-class PassCosts:
-    """What one graph session's step and one batched eager pass cost on this worker, measured as it serves:
-    graph sessions' steps that queued together share a pass only where it costs less than replaying each
-    graph in turn. A pass is bound by launches or by reading the weights, so its cost is taken as the same for
-    any number of rows."""
-
-    graph_s: deque = field(default_factory=lambda: deque(maxlen=COST_SAMPLES))
-    batch_s: deque = field(default_factory=lambda: deque(maxlen=COST_SAMPLES))
-    refused: int = 0
-
-    def pays(self, rows: int) -> bool:
-        if not self.graph_s:  # first the graph replays a pass must beat (each session's first one is its capture)
-            return False
-        if not self.batch_s:
-            return True
-        if rows * statistics.median(self.graph_s) > statistics.median(self.batch_s):
-            return True
-        self.refused += 1
-        return self.refused % REPROBE_EVERY == 0
-
-    def medians_ms(self) -> dict[str, float | None]:
-        """The two costs as the decision sees them (a worker's info reports them)."""
-        return {name: 1e3 * statistics.median(samples) if samples else None
-                for name, samples in (("graph_step_ms", self.graph_s), ("batched_pass_ms", self.batch_s))}
+    return all(type(layer) is DynamicLayer for layer in cache.layers)
 
 
 def groups(rows: list[Row]) -> list[list[Row]]:
@@ -106,9 +68,9 @@ def step_together(rows: list[Row], cache: DynamicCache,
     position_ids = torch.cat([torch.full((size, 1), length, dtype=torch.long) if row.position_ids is None
                               else row.position_ids.long() for row, size, length in zip(rows, sizes, lengths)])
     for i, layer in enumerate(cache.layers):
-        parts = [_filled(row.session.cache.layers[i], length) for row, length in zip(rows, lengths)]
-        if longest and any(k is not None and k.numel() for k, _ in parts):
-            keys, values = _stack(parts, sizes, lengths, longest)
+        parts = [row.session.cache.layers[i] for row in rows]
+        if longest and any(part.get_seq_length() for part in parts):
+            keys, values = _stack([(p.keys, p.values) for p in parts], sizes, lengths, longest)
             layer.lazy_initialization(keys, values)
             layer.keys, layer.values = keys, values
     out = run(hidden, mask, position_ids, cache)
@@ -116,21 +78,11 @@ def step_together(rows: list[Row], cache: DynamicCache,
     for row, length, stop, size in zip(rows, lengths, ends, sizes):
         for layer, batched in zip(row.session.cache.layers, cache.layers):
             if batched.is_initialized:
-                keys = batched.keys[stop - size:stop, :, longest - length:]
-                values = batched.values[stop - size:stop, :, longest - length:]
-                if isinstance(layer, StaticSpanLayer):
-                    layer.write(keys[:, :, length:], values[:, :, length:], length)
-                    continue
                 if not layer.is_initialized:
                     layer.lazy_initialization(batched.keys, batched.values)
-                layer.keys, layer.values = keys, values
+                layer.keys = batched.keys[stop - size:stop, :, longest - length:]
+                layer.values = batched.values[stop - size:stop, :, longest - length:]
     return [out[stop - size:stop] for stop, size in zip(ends, sizes)]
-
-
-def _filled(layer, length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    if isinstance(layer, StaticSpanLayer):
-        return layer.filled(length)
-    return (layer.keys, layer.values) if layer.is_initialized else (None, None)
 
 
 def _mask(row: Row, length: int) -> torch.Tensor:

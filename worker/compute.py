@@ -49,9 +49,6 @@ class PriorityExecutor:
         # receipt to reply spends computing, as opposed to waiting in the queue or being handed between threads
         self.observer: Callable[[int, float], None] | None = None
         self._initializer = initializer  # run first on the compute thread (per-thread state such as the CUDA device)
-        # asked with the items of queued jobs that could join one pass: whether that pass pays; where it does not
-        # they stay queued and run one by one, each answered as soon as it is done instead of with the rest
-        self.shares_pass: Callable[[list], bool] = lambda items: True
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -99,8 +96,6 @@ class PriorityExecutor:
                     owners.add(job.owner)
                 else:  # this job stays queued, so its owner's later jobs must too
                     blocked.add(job.owner)
-            if len(jobs) > 1 and not self.shares_pass([job.args[0] for job in jobs]):
-                return priority, [first]
             if len(jobs) > 1:
                 taken = set(map(id, jobs))
                 self._heap = [entry for entry in self._heap if id(entry[2]) not in taken]

@@ -51,22 +51,6 @@ class StaticSpanLayer(StaticLayer):
         """Keep the first `length` tokens; later slots are masked out and written over by the next steps."""
         self.cumulative_length.fill_(length)
 
-    def filled(self, length: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Keys and values of the first `length` tokens (views), or None before the first step."""
-        if not self.is_initialized:
-            return None, None
-        return self.keys[:, :, :length], self.values[:, :, :length]
-
-    def write(self, keys: torch.Tensor, values: torch.Tensor, position: int) -> None:
-        """Tokens computed outside this cache (a batched pass, worker/batching.py) put at `position`, in place:
-        a captured graph goes on reading these same buffers."""
-        if not self.is_initialized:
-            self.lazy_initialization(keys, values)
-        end = position + keys.shape[2]
-        self.keys[:, :, position:end] = keys
-        self.values[:, :, position:end] = values
-        self.cumulative_length.fill_(end)
-
 
 class StaticSpanCache(Cache):
     """A session's KV cache of its full max_length, allocated at its first step (the size its budget reserved)."""

@@ -22,10 +22,10 @@ from corolla.bus.messages import (Ack, Backward, CloseSession, Forward, GradsRep
 from corolla.bus.security import Security
 from corolla.bus.server import RequestError
 from corolla.worker.adapters import AdapterSet
-from corolla.worker.batching import PassCosts, Row, groups, joinable, step_together
+from corolla.worker.batching import Row, groups, joinable, step_together
 from corolla.worker.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, PRIORITY_TRAINING, PriorityExecutor
 from corolla.worker.config import WorkerConfig
-from corolla.worker.cuda_graph import GraphDecoder, StaticSpanCache, make_current
+from corolla.worker.cuda_graph import GraphDecoder, make_current
 from corolla.worker.kv_cache import Session, SessionTable
 from corolla.worker.push import Mailbox, Pusher
 
@@ -50,8 +50,6 @@ class WorkerService:
                                         initializer=lambda: make_current(self.device))
         self.batched_steps = 0  # steps that ran in one pass with other sessions' steps
         self.decode_batches = 0  # such passes
-        self.pass_costs = PassCosts()  # whether graph sessions' steps should share an eager pass
-        self.compute.shares_pass = lambda items: self._shares_pass([session for session, _ in items])
         self.graphs = (GraphDecoder(span, start, end, hidden_size, self.dtype, self.device, config.compile_decode)
                        if self.device.type == "cuda" and config.cuda_graphs and adapters is None else None)
         self.started = time.time()
@@ -117,7 +115,7 @@ class WorkerService:
                           cache_tokens_free=self.sessions.free_tokens, cache_tokens_total=self.sessions.budget_tokens,
                           adapters=self.adapters.names if self.adapters else [],
                           extra={"pushes_received": self.mailbox.delivered, "batched_steps": self.batched_steps,
-                                 "decode_batches": self.decode_batches, **self.pass_costs.medians_ms()})
+                                 "decode_batches": self.decode_batches})
 
     # ---- validation, on the event loop ---------------------------------------------------
 
@@ -245,24 +243,14 @@ class WorkerService:
                     outcomes[i] = (None, e)
         return outcomes
 
-    def _shares_pass(self, sessions: list[Session]) -> bool:
-        """Whether the compute thread takes these sessions' queued steps together (the one place this is decided):
-        eager sessions' always, CUDA-graph sessions' only where a pass beats replaying their graphs."""
-        graphed = all(isinstance(session.cache, StaticSpanCache) for session in sessions)
-        return not graphed or self.pass_costs.pays(len(sessions))
-
     def _step_together(self, rows: list[Row]) -> list[torch.Tensor]:
         first = rows[0].session
 
         def run(hidden, mask, position_ids, cache):
             return self._run(hidden, mask, position_ids, cache, None, first.start, first.end, first.adapter)
 
-        started = time.perf_counter()
         with torch.inference_mode():
             outs = step_together(rows, self.span.new_cache(), run)
-        if self.device.type == "cuda":  # the pass's time once the device is done (a replay's output is on the host)
-            torch.cuda.synchronize(self.device)
-        self.pass_costs.batch_s.append(time.perf_counter() - started)
         for row in rows:
             row.session.mask = row.mask
             row.session.position += 1
@@ -296,11 +284,8 @@ class WorkerService:
         if t == 0:
             return hidden.new_zeros((b, 0, self.hidden_size))
         with torch.inference_mode():
-            captured, started = getattr(session.cache, "graph", None) is not None, time.perf_counter()
             out = (self.graphs.step(session.cache, session.position, hidden, msg.position_ids)
                    if self.graphs and mask is None and msg.prompts is None else None)
-            if out is not None and captured:  # a replay, not the capture
-                self.pass_costs.graph_s.append(time.perf_counter() - started)
             if out is None:
                 out = self._run(hidden, mask, msg.position_ids, session.cache, msg.prompts, session.start,
                                 session.end, session.adapter)
