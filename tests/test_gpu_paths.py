@@ -14,6 +14,7 @@ from transformers import DynamicCache, LlamaConfig
 
 from corolla.client.config import ClientConfig
 from corolla.client.families import DistributedLlamaForCausalLM
+from corolla.worker.batching import joinable
 from corolla.worker.config import ConfigError, WorkerConfig
 from corolla.worker.cuda_graph import GraphDecoder, StaticSpanCache
 from corolla.worker.launcher import LocalSwarm
@@ -172,6 +173,9 @@ def test_graph_sessions_are_batch_1_whole_span_without_adapters():
     hidden = torch.randn(1, 1, HIDDEN)
     assert graphs.step(DynamicCache(config=span.span_config), 3, hidden, None) is None  # eager session
     assert graphs.step(graphs.new_cache(1, 10, 14, "", 32), 0, hidden, None) is None  # nothing cached yet
+    # graph sessions step alone: an eager pass shared with other sessions costs ~20 graph replays (perf/RESULTS.md)
+    assert not joinable(graphs.new_cache(1, 10, 14, "", 32))
+    assert joinable(graphs.new_cache(2, 10, 14, "", 32))
 
 
 @pytest.mark.slow
