@@ -20,12 +20,9 @@ and each session is a client process of its own on that GPU (one process's
 generate() threads share one GIL and cannot keep GPU workers busy: measured,
 perf/RESULTS.md); the two swarms run one after the other, so that the GPU holds
 one swarm and the clients (8B: 2 x 16 GB and ~2.5 GB a client; 16 sessions fit
-an H200 and an H100). There a batch-1 session's single-token steps replay a
-CUDA graph and never share a pass (an eager pass is launch-bound on the GPU
-machines' hosts: measured, perf/RESULTS.md), so the comparison is what batching
-would have to beat: "on" workers run without CUDA graphs (`cuda_graphs: false`,
-steps batched across sessions), "off" workers replay each session's graph (the
-default, one step at a time).
+an H200 and an H100). There "on" workers keep their batch-1 sessions in the slot
+pool and step those queued together as one CUDA graph replay (worker/slots.py,
+the default), "off" workers replay each session's own graph, one at a time.
 """
 from __future__ import annotations
 
@@ -247,10 +244,9 @@ def main() -> None:
 
     results: dict[str, dict[int, dict]] = {}
     with tempfile.TemporaryDirectory() as config_dir:
-        off_yaml, eager_yaml = Path(config_dir) / "off.yaml", Path(config_dir) / "eager.yaml"
+        off_yaml = Path(config_dir) / "off.yaml"
         off_yaml.write_text("max_decode_batch: 1\n")
-        eager_yaml.write_text("cuda_graphs: false\n")
-        modes = (("on", ["--config", str(eager_yaml)] if args.gpu else []), ("off", ["--config", str(off_yaml)]))
+        modes = (("on", []), ("off", ["--config", str(off_yaml)]))
         if args.gpu:
             model_name = f"{args.gpu} {args.quantization}, random weights"
             workers = gpu_workers(args.gpu, args.quantization, config_dir)
@@ -272,8 +268,8 @@ def main() -> None:
     print(f"\n{model_name} on 2 workers on loopback, {args.new_tokens} new tokens per session, greedy; {machine}; "
           f"{date.today()}")
     if args.gpu:
-        print("on: eager steps, batched across sessions (cuda_graphs: false); off: each session's CUDA graph, one step "
-              "at a time (the default)")
+        print("on: sessions in the slot pool, queued steps as one graph replay (the default); off: each session's own "
+              "CUDA graph, one step at a time")
     print(f"{'sessions':>8} | {'aggregate tok/s':^25} | {'steps/s per session':^25} | {'batched':>7}")
     print(f"{'':>8} | {'off':>7} {'on':>7} {'ratio':>9} | {'off':>7} {'on':>7} {'ratio':>9} | {'on':>7}")
     for n in args.sessions:

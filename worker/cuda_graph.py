@@ -155,7 +155,7 @@ class GraphDecoder:
                 self._warm_up(self._step)
                 self._warm_threads.add(threading.get_ident())
             graph = DecodeGraph(self._step, cache, self.hidden_size, self.dtype, self.device,
-                                self._shared_pool())
+                                self.shared_pool())
         except Exception as e:
             if self._step == self._eager_step:
                 log.warning("capturing a decode step failed (%s: %s); this session steps eagerly",
@@ -169,8 +169,8 @@ class GraphDecoder:
         log.debug("decode graph captured in %.1f ms", 1e3 * (time.perf_counter() - started))
         return graph
 
-    def _shared_pool(self):
-        """The memory pool of every session's graph. The allocator keeps a pool only while a graph captured into it
+    def shared_pool(self):
+        """The memory pool of every graph of this worker (sessions' and the slot pool's). The allocator keeps a pool only while a graph captured into it
         lives, and capturing into a pool whose graphs are all gone fails; a one-kernel graph that lives as long as
         this decoder keeps the pool for the sessions to come."""
         if self._pool is None:
@@ -185,15 +185,26 @@ class GraphDecoder:
         graphs want before a capture. No random numbers: a failed capture leaves the generator unusable."""
         cache = StaticSpanCache(self.num_layers, WARMUP_LENGTH)
         hidden = torch.full((1, 1, self.hidden_size), 0.5, dtype=self.dtype, device=self.device)
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):
-            self._eager_step(hidden, torch.zeros(1, 1, dtype=torch.long, device=self.device), cache)
-            if dynamic_length:
-                for layer in cache.layers:
-                    torch._dynamo.mark_dynamic(layer.keys, 2)
-                    torch._dynamo.mark_dynamic(layer.values, 2)
-            for position in range(1, 1 + WARMUP_STEPS):
-                step(hidden, torch.tensor([[position]], device=self.device), cache)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        torch.cuda.synchronize(self.device)
+        positions = iter(range(1, 1 + WARMUP_STEPS))
+
+        def run():
+            if not cache.layers[0].is_initialized:
+                self._eager_step(hidden, torch.zeros(1, 1, dtype=torch.long, device=self.device), cache)
+                if dynamic_length:
+                    for layer in cache.layers:
+                        torch._dynamo.mark_dynamic(layer.keys, 2)
+                        torch._dynamo.mark_dynamic(layer.values, 2)
+            step(hidden, torch.tensor([[next(positions)]], device=self.device), cache)
+
+        warm_up_side_stream(self.device, run)
+
+
+def warm_up_side_stream(device: torch.device, run, times: int = WARMUP_STEPS) -> None:
+    """Run `run()` a few times on a side stream, as CUDA graphs want before a capture of it."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for _ in range(times):
+            run()
+    torch.cuda.current_stream(device).wait_stream(side)
+    torch.cuda.synchronize(device)

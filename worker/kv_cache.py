@@ -2,8 +2,11 @@
 
 A session reserves batch_size x max_length tokens of cache when it opens, so a
 worker never admits more than its budget and cannot run out of memory mid-step;
-a session that does not fit is refused at once with CACHE_FULL. Idle sessions
-expire so an abandoned client cannot hold the cache forever.
+a session that does not fit is refused at once with CACHE_FULL. A GPU worker's
+slot pool (worker/slots.py) is carved out of the budget whole when the worker
+starts: a session in one of its slots reserves nothing more. Idle sessions
+expire so an abandoned client cannot hold the cache forever, and a closed or
+expired session's slot goes back to the pool.
 """
 from __future__ import annotations
 
@@ -25,19 +28,26 @@ class Session:
     max_length: int
     cache: object  # transformers Cache of the span
     adapter: str = ""
+    pooled: bool = False  # its cache is a slot of the worker's pool (SlotSessionCache)
     position: int = 0  # tokens already in the cache
     mask: torch.Tensor | None = None  # [batch, position] while any padding has been seen
     last_used: float = field(default_factory=time.monotonic)
 
     @property
     def reserved_tokens(self) -> int:
-        return self.batch_size * self.max_length
+        return 0 if self.pooled else self.batch_size * self.max_length
+
+    def release(self) -> None:
+        if self.pooled:
+            self.cache.release()
 
 
 class SessionTable:
-    def __init__(self, budget_tokens: int, idle_timeout: float):
+    def __init__(self, budget_tokens: int, idle_timeout: float, pool=None):
         self.budget_tokens = budget_tokens
         self.idle_timeout = idle_timeout
+        self.pool = pool  # a SlotPool, whose slots x length tokens the budget holds from the start
+        self._private = budget_tokens - (pool.slots * pool.length if pool else 0)
         self._sessions: dict[str, Session] = {}
 
     def __len__(self) -> int:
@@ -49,16 +59,18 @@ class SessionTable:
 
     @property
     def free_tokens(self) -> int:
-        return self.budget_tokens - self.used_tokens
+        """Tokens sessions could still reserve: the budget outside the pool, and the pool's free slots."""
+        return self._private - self.used_tokens + (self.pool.free_slots * self.pool.length if self.pool else 0)
 
     def open(self, session: Session) -> None:
         self.expire()
         if session.session_id in self._sessions:
             raise RequestError(ErrorCode.SESSION_EXISTS, f"session {session.session_id} is already open")
-        if session.reserved_tokens > self.free_tokens:
+        free = self._private - self.used_tokens
+        if session.reserved_tokens > free:
             raise RequestError(ErrorCode.CACHE_FULL,
-                               f"session needs {session.reserved_tokens} cache tokens, {self.free_tokens} of "
-                               f"{self.budget_tokens} are free")
+                               f"session needs {session.reserved_tokens} cache tokens, {free} of "
+                               f"{self._private} are free")
         self._sessions[session.session_id] = session
 
     def get(self, session_id: str) -> Session:
@@ -69,12 +81,14 @@ class SessionTable:
         return session
 
     def close(self, session_id: str) -> None:
-        if self._sessions.pop(session_id, None) is None:
+        session = self._sessions.pop(session_id, None)
+        if session is None:
             raise RequestError(ErrorCode.UNKNOWN_SESSION, f"no open session {session_id!r}")
+        session.release()
 
     def expire(self) -> list[str]:
         now = time.monotonic()
         gone = [sid for sid, s in self._sessions.items() if now - s.last_used > self.idle_timeout]
         for sid in gone:
-            del self._sessions[sid]
+            self._sessions.pop(sid).release()
         return gone

@@ -28,6 +28,7 @@ from corolla.worker.config import WorkerConfig
 from corolla.worker.cuda_graph import GraphDecoder, make_current
 from corolla.worker.kv_cache import Session, SessionTable
 from corolla.worker.push import Mailbox, Pusher
+from corolla.worker.slots import SlotPool, SlotRow, slot_length, span_step
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ class WorkerService:
         self.dtype = config.torch_dtype
         self.device = torch.device(config.device)
         self.peer_id = uuid.uuid4().hex[:16]
-        self.sessions = SessionTable(config.cache_tokens, config.idle_timeout)
         self.adapters = adapters
         self.compute = PriorityExecutor(max_queue=config.max_queue, max_batch=config.max_decode_batch,
                                         initializer=lambda: make_current(self.device))
@@ -52,6 +52,8 @@ class WorkerService:
         self.decode_batches = 0  # such passes
         self.graphs = (GraphDecoder(span, start, end, hidden_size, self.dtype, self.device, config.compile_decode)
                        if self.device.type == "cuda" and config.cuda_graphs and adapters is None else None)
+        self.pool = self._slot_pool() if self.graphs else None
+        self.sessions = SessionTable(config.cache_tokens, config.idle_timeout, self.pool)
         self.started = time.time()
         self._extra: dict[type, Callable[[Any], Awaitable[Any]]] = {}
         self.security = security
@@ -115,7 +117,22 @@ class WorkerService:
                           cache_tokens_free=self.sessions.free_tokens, cache_tokens_total=self.sessions.budget_tokens,
                           adapters=self.adapters.names if self.adapters else [],
                           extra={"pushes_received": self.mailbox.delivered, "batched_steps": self.batched_steps,
-                                 "decode_batches": self.decode_batches})
+                                 "decode_batches": self.decode_batches,
+                                 "slots": self.pool.slots if self.pool else 0,
+                                 "slot_length": self.pool.length if self.pool else 0})
+
+    def _slot_pool(self) -> SlotPool | None:
+        """The pool whose batch-1 sessions' decode steps share CUDA graphs (worker/slots.py). Not with a compiled
+        step (its graphs serve one session each) nor sliding-window attention (a pool pass attends to every slot)."""
+        config = getattr(self.span, "span_config", None)
+        slots = self.config.max_decode_batch
+        length = slot_length(self.config.max_length, self.config.cache_tokens, slots)
+        if config is None or self.config.compile_decode or slots < 2 or not length \
+                or getattr(config, "sliding_window", None):
+            return None
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return SlotPool(span_step(self.span), len(self.span.layers), slots, length, config.num_key_value_heads,
+                        head_dim, self.hidden_size, self.dtype, self.device, self.graphs.shared_pool)
 
     # ---- validation, on the event loop ---------------------------------------------------
 
@@ -133,11 +150,27 @@ class WorkerService:
         self._check_adapter(msg.adapter)
         if not msg.session_id or len(msg.session_id) > 128:
             raise RequestError(ErrorCode.BAD_REQUEST, "session id must be 1..128 characters")
-        self.sessions.open(Session(msg.session_id, msg.start, msg.end, msg.batch_size, msg.max_length,
-                                   cache=self.graphs.new_cache(msg.batch_size, msg.start, msg.end, msg.adapter,
-                                                               msg.max_length)
-                                   if self.graphs else self.span.new_cache(), adapter=msg.adapter))
+        self.sessions.expire()  # their slots first
+        session = Session(msg.session_id, msg.start, msg.end, msg.batch_size, msg.max_length, cache=None,
+                          adapter=msg.adapter)
+        session.cache = self._pooled_cache(msg)
+        session.pooled = session.cache is not None
+        if not session.pooled:
+            session.cache = (self.graphs.new_cache(msg.batch_size, msg.start, msg.end, msg.adapter, msg.max_length)
+                             if self.graphs else self.span.new_cache())
+        try:
+            self.sessions.open(session)
+        except RequestError:
+            session.release()
+            raise
         return Ack()
+
+    def _pooled_cache(self, msg: OpenSession):
+        """A slot of the pool for a batch-1 session of the whole span that fits one, if any is free."""
+        if self.pool is None or msg.batch_size != 1 or msg.adapter or (msg.start, msg.end) != (self.start, self.end) \
+                or msg.max_length > self.pool.length:
+            return None
+        return self.pool.acquire()
 
     def _check_adapter(self, name: str) -> None:
         if self.adapters is not None:
@@ -210,8 +243,11 @@ class WorkerService:
 
     def _batch_key(self, session: Session, msg: Step) -> tuple | None:
         """Steps of one key may run as one pass (worker/batching.py); None: this step runs alone."""
-        if msg.hidden.dim() != 3 or msg.hidden.shape[1] != 1 or msg.prompts is not None \
-                or not joinable(session.cache):
+        if msg.hidden.dim() != 3 or msg.hidden.shape[1] != 1 or msg.prompts is not None:
+            return None
+        if session.pooled:
+            return "slots"
+        if not joinable(session.cache):
             return None
         return session.start, session.end, session.adapter
 
@@ -226,7 +262,7 @@ class WorkerService:
             except Exception as e:
                 outcomes[i] = (None, e)
         index = {id(row): i for i, row in rows.items()}
-        for together in groups(list(rows.values())) if len(rows) > 1 else []:
+        for together in self._passes(list(rows.values())) if len(rows) > 1 else []:
             if len(together) < 2:
                 continue
             try:
@@ -243,6 +279,12 @@ class WorkerService:
                     outcomes[i] = (None, e)
         return outcomes
 
+    def _passes(self, rows: list[Row]) -> list[list[Row]]:
+        """Pooled sessions' rows as one pass (those with padding step alone); others as worker/batching.py groups."""
+        if rows[0].session.pooled:
+            return [[row for row in rows if row.mask is None]]
+        return groups(rows)
+
     def _step_together(self, rows: list[Row]) -> list[torch.Tensor]:
         first = rows[0].session
 
@@ -250,7 +292,8 @@ class WorkerService:
             return self._run(hidden, mask, position_ids, cache, None, first.start, first.end, first.adapter)
 
         with torch.inference_mode():
-            outs = step_together(rows, self.span.new_cache(), run)
+            outs = (self.pool.run([_slot_row(row.session, row.hidden, row.position_ids) for row in rows])
+                    if first.pooled else step_together(rows, self.span.new_cache(), run))
         for row in rows:
             row.session.mask = row.mask
             row.session.position += 1
@@ -284,8 +327,14 @@ class WorkerService:
         if t == 0:
             return hidden.new_zeros((b, 0, self.hidden_size))
         with torch.inference_mode():
-            out = (self.graphs.step(session.cache, session.position, hidden, msg.position_ids)
-                   if self.graphs and mask is None and msg.prompts is None else None)
+            out = None
+            if session.pooled:
+                if mask is None and msg.prompts is None and (b, t) == (1, 1):
+                    out = self.pool.run([_slot_row(session, hidden, msg.position_ids)])[0]
+                else:
+                    session.cache.at(session.position)
+            elif self.graphs and mask is None and msg.prompts is None:
+                out = self.graphs.step(session.cache, session.position, hidden, msg.position_ids)
             if out is None:
                 out = self._run(hidden, mask, msg.position_ids, session.cache, msg.prompts, session.start,
                                 session.end, session.adapter)
@@ -316,6 +365,10 @@ class WorkerService:
 
     def close(self) -> None:
         self.compute.shutdown()
+
+
+def _slot_row(session: Session, hidden: torch.Tensor, position_ids: torch.Tensor | None) -> SlotRow:
+    return SlotRow(session.cache.slot, session.position, hidden, position_ids)
 
 
 def _extend_mask(past: torch.Tensor | None, new: torch.Tensor | None, batch: int, position: int, t: int):

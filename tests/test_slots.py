@@ -1,0 +1,117 @@
+"""The slot pool GPU workers batch their sessions' decode steps with (worker/slots.py), run eagerly here: any set
+of its sessions stepping in one pass computes what each session computes alone, and the pool's slots are
+accounted in the worker's cache budget. The captured graphs of the same passes are checked on a GPU by
+tests/test_batching.py and perf/bench_batching.py --gpu."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from corolla.bus.errors import ErrorCode
+from corolla.bus.server import RequestError
+from corolla.worker.kv_cache import Session, SessionTable
+from corolla.worker.random_weights import random_span
+from corolla.worker.slots import SlotPool, SlotRow, _bucket, slot_length, span_step
+from tests.test_gpu_paths import HIDDEN, tiny_config
+
+SLOTS, LENGTH = 4, 32
+
+
+def make_pool(span) -> SlotPool:
+    config = span.span_config
+    return SlotPool(span_step(span), len(span.layers), SLOTS, LENGTH, config.num_key_value_heads,
+                    HIDDEN // config.num_attention_heads, HIDDEN, torch.float32, torch.device("cpu"))
+
+
+@pytest.fixture
+def span():
+    return random_span(tiny_config(), 0, 4, torch.float32, "cpu", seed=5)
+
+
+class Pair:
+    """One session in the pool and the same session alone on a DynamicCache, fed the same tokens."""
+
+    def __init__(self, span, pool, prompt_length: int):
+        self.span, self.cache = span, pool.acquire()
+        self.reference = DynamicCache(config=span.span_config)
+        self.position = 0
+        self.prefill(torch.randn(1, prompt_length, HIDDEN))
+
+    def prefill(self, hidden: torch.Tensor) -> None:
+        """An eager step of several tokens on the session's own slot; checks it against the reference."""
+        positions = torch.arange(self.position, self.position + hidden.shape[1])[None]
+        got = self.span(hidden, position_ids=positions, cache=self.cache.at(self.position))
+        assert (got - self.alone(hidden, positions)).abs().max() < 1e-5
+        self.position += hidden.shape[1]
+
+    def alone(self, hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        extra = self.reference.get_seq_length() - self.position
+        if extra > 0:
+            self.reference.crop(-extra)
+        return self.span(hidden, position_ids=positions, cache=self.reference)
+
+    def row(self) -> tuple[SlotRow, torch.Tensor]:
+        """This session's next single-token step, and what it computes alone."""
+        hidden = torch.randn(1, 1, HIDDEN)
+        want = self.alone(hidden, torch.tensor([[self.position]]))
+        return SlotRow(self.cache.slot, self.position, hidden, None), want
+
+
+def step_together(pool: SlotPool, pairs: list[Pair]) -> None:
+    rows, wants = zip(*(p.row() for p in pairs))
+    for got, want, pair in zip(pool.run(list(rows)), wants, pairs):
+        assert (got - want).abs().max() < 1e-5
+        pair.position += 1
+
+
+def test_any_set_of_sessions_steps_in_one_pass_as_each_does_alone(span):
+    pool = make_pool(span)
+    with torch.inference_mode():
+        a, b, c = (Pair(span, pool, n) for n in (3, 9, 5))
+        assert [p.cache.slot for p in (a, b, c)] == [0, 1, 2]
+        step_together(pool, [a, b, c])
+        step_together(pool, [a, c])  # b's slot rides along idle: its cache must come out untouched
+        step_together(pool, [b])
+        step_together(pool, [c])  # a pass of 4 rows: slots 0, 1 and the free slot 3 idle
+        c.prefill(torch.randn(1, 4, HIDDEN))  # an eager step after pool passes starts at the session's position
+        step_together(pool, [c, b, a])
+        b.position -= 2  # the client re-sends from an earlier position: the worker just steps from there
+        step_together(pool, [b])
+        step_together(pool, [a, b, c])
+
+
+def test_passes_attend_over_power_of_two_buckets():
+    assert [_bucket(n, 16) for n in (1, 2, 3, 5, 9, 16, 40)] == [1, 2, 4, 8, 16, 16, 16]
+    assert [_bucket(n, 1024, 64) for n in (1, 64, 65, 1000, 5000)] == [64, 64, 128, 1024, 1024]
+
+
+def test_slots_are_taken_lowest_first_and_come_back(span):
+    pool = make_pool(span)
+    caches = [pool.acquire() for _ in range(SLOTS)]
+    assert [c.slot for c in caches] == list(range(SLOTS)) and pool.acquire() is None
+    caches[1].release()
+    caches[1].release()  # twice: still one free slot
+    assert pool.free_slots == 1 and pool.acquire().slot == 1
+
+
+def test_slot_length_is_a_power_of_two_within_half_the_budget():
+    assert slot_length(max_length=8192, cache_tokens=32768, slots=16) == 1024
+    assert slot_length(max_length=4096, cache_tokens=262144, slots=16) == 4096
+    assert slot_length(max_length=3000, cache_tokens=1 << 20, slots=8) == 2048
+    assert slot_length(max_length=8192, cache_tokens=2048, slots=16) == 0  # slots too short: no pool
+
+
+def test_pooled_sessions_reserve_nothing_beyond_the_pool(span):
+    pool = make_pool(span)  # 4 x 32 tokens carved out of the budget
+    table = SessionTable(budget_tokens=200, idle_timeout=60, pool=pool)
+    assert table.free_tokens == 200
+    table.open(Session("pooled", 0, 4, 1, 20, cache=pool.acquire(), pooled=True))
+    assert table.free_tokens == 200 - LENGTH
+    table.open(Session("private", 0, 4, 2, 30, cache=None))
+    assert table.free_tokens == 200 - LENGTH - 60
+    with pytest.raises(RequestError) as e:  # 72 - 60 = 12 private tokens left, whatever the free slots
+        table.open(Session("big", 0, 4, 1, 13, cache=None))
+    assert e.value.code == ErrorCode.CACHE_FULL
+    table.close("pooled")
+    assert pool.free_slots == SLOTS and table.free_tokens == 200 - 60
