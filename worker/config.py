@@ -46,7 +46,9 @@ class WorkerConfig:
     swarm_key: str | None = None  # file with the private swarm's secret (`corolla keygen`); None: public swarm
     push_timeout: float = 30.0  # how long a step waits for its input pushed by the previous worker
     max_queue: int = 256  # compute requests waiting at once; beyond it the worker answers BUSY
-    max_decode_batch: int = 16  # single-token steps of different sessions run as one pass, up to this many; 1: off
+    # single-token steps of different sessions run as one pass, up to this many; 1: off. With cuda_graphs, also the
+    # slots of the GPU's slot pool (worker/slots.py), which takes up to half of cache_tokens
+    max_decode_batch: int = 16
     metrics_port: int = 0  # Prometheus metrics over HTTP on host:metrics_port; 0: off
     quantization: str = "none"  # none, int8 or nf4 (bitsandbytes, CUDA only; see worker/quantize.py)
     # nf4: one-token products on Corolla's kernel (worker/nf4_gemv.py); off: bitsandbytes' own, slower, whose
@@ -56,7 +58,8 @@ class WorkerConfig:
     seed: int = 0  # seed of random_weights
     cuda_graphs: bool = True  # CUDA devices: single-token steps of batch-1 sessions replay a CUDA graph
     # with cuda_graphs: compile the graphed step first (fused kernels, ~10% more steps/s on GPU); off by default
-    # because the compiled step's reductions round differently, so tokens can part from transformers' (70B shape)
+    # because the compiled step's reductions round differently, so tokens can part from transformers' (70B shape);
+    # turns the slot pool off, as its graphs serve one session each
     compile_decode: bool = False
 
     @classmethod
