@@ -254,31 +254,3 @@ def test_benchmark_sessions_in_processes_of_their_own(tmp_path):
     assert figures["aggregate_tok_s"] > 1.2 * figures["session_steps_s"] > 0
     assert 0 <= results["on"][3]["batched"] <= 1
 
-
-@pytest.mark.slow
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_gpu_sessions_share_the_slot_pools_graphs(smollm_folder, smollm_local, smollm_tokenizer, alone):
-    """On a GPU the batch-1 sessions live in the worker's slot pool and step together as one CUDA graph replay
-    (worker/slots.py), with their solo tokens; a bad step still fails alone."""
-    model = smollm_local
-    with LocalSwarm(worker_args(smollm_folder, ["0:30"], "--device", "cuda:0")) as swarm:
-        client = Client(swarm.endpoints[0])
-        assert client(InfoRequest())[0].extra["slots"] > 1
-        sessions = [Greedy(f"gpu-{i}", smollm_tokenizer(p, return_tensors="pt").input_ids)
-                    for i, p in enumerate(PROMPTS)]
-        with torch.no_grad():
-            _open_and_prefill(client, model, sessions)
-            before = client.counters()
-            nan = torch.full((1, 1, model.config.hidden_size), float("nan"))
-            steps = [sessions[0].step(model, hidden=nan)] + [s.step(model) for s in sessions[1:]]
-            replies = client(client.blocker(model, "gpu-blocker"), *steps, errors=True)
-            assert isinstance(replies[1], RemoteError) and replies[1].code == ErrorCode.BAD_VALUE
-            for s, reply in zip(sessions[1:], replies[2:]):
-                s.take(model, reply.hidden)
-            after = client.counters()
-            sessions[0].take(model, client(sessions[0].step(model))[0].hidden)  # alone: a pass of one row
-            _decode(client, model, sessions, NEW_TOKENS - 2)
-            for s, prompt in zip(sessions, PROMPTS):
-                assert torch.equal(s.ids, alone[prompt]), prompt
-        client.close(["gpu-blocker", *(s.session_id for s in sessions)])
-    assert (after[0] - before[0], after[1] - before[1]) == (len(PROMPTS) - 1, 1)

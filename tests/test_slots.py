@@ -1,18 +1,22 @@
 """The slot pool GPU workers batch their sessions' decode steps with (worker/slots.py), run eagerly here: any set
 of its sessions stepping in one pass computes what each session computes alone, and the pool's slots are
-accounted in the worker's cache budget. The captured graphs of the same passes are checked on a GPU by
-tests/test_batching.py and perf/bench_batching.py --gpu."""
+accounted in the worker's cache budget. On a GPU, real workers check the captured graphs of the same passes
+against graphs of one session each."""
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import DynamicCache
 
-from corolla.bus.errors import ErrorCode
+from corolla.bus.errors import ErrorCode, RemoteError
+from corolla.bus.messages import InfoRequest, OpenSession, Step
 from corolla.bus.server import RequestError
 from corolla.worker.kv_cache import Session, SessionTable
+from corolla.worker.launcher import LocalSwarm
 from corolla.worker.random_weights import random_span
 from corolla.worker.slots import SlotPool, SlotRow, _bucket, slot_length, span_step
+from tests.conftest import worker_args
+from tests.test_batching import Client
 from tests.test_gpu_paths import HIDDEN, tiny_config
 
 SLOTS, LENGTH = 4, 32
@@ -115,3 +119,42 @@ def test_pooled_sessions_reserve_nothing_beyond_the_pool(span):
     assert e.value.code == ErrorCode.CACHE_FULL
     table.close("pooled")
     assert pool.free_slots == SLOTS and table.free_tokens == 200 - 60
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("quantization, dtype, tolerance", [("none", "float32", 1e-4), ("nf4", "bfloat16", 5e-2)])
+def test_gpu_workers_step_pooled_sessions_as_one_graph_replay(tmp_path, quantization, dtype, tolerance):
+    """Real GPU workers: with the pool (the default) concurrent sessions' steps run as shared graph replays, and give
+    what a worker replaying each session's own graph gives; a bad step still fails alone. nf4: a pass of several rows
+    runs bitsandbytes' product where one row runs Corolla's kernel, which rounds otherwise."""
+    tiny_config().save_pretrained(tmp_path)
+    off = tmp_path / "off.yaml"
+    off.write_text("max_decode_batch: 1\n")
+    common = ("--random-weights", "--seed", "4", "--device", "cuda:0", "--quantization", quantization,
+              "--dtype", dtype)
+    lengths = [3, 9, 6, 12]
+    prompts = [torch.randn(1, n, HIDDEN) for n in lengths]
+    decode = [torch.randn(1, 3, HIDDEN) for _ in lengths]
+    nan = torch.full((1, 1, HIDDEN), float("nan"))
+    outputs, counted = {}, {}
+    args = worker_args(str(tmp_path), ["0:4"], *common) + worker_args(str(tmp_path), ["0:4"], *common, "--config", str(off))
+    with LocalSwarm(args) as swarm:
+        for mode, endpoint in zip(("on", "off"), swarm.endpoints):
+            client = Client(endpoint)
+            assert (client(InfoRequest())[0].extra["slots"] > 1) == (mode == "on")
+            ids = [f"{mode}-{i}" for i in range(len(lengths))]
+            client(*(OpenSession(s, 0, 4, 1, 64) for s in ids))
+            client(*(Step(s, p, 0) for s, p in zip(ids, prompts)))
+            before, outs = client.counters(), []
+            for k in range(3):
+                steps = [Step(s, d[:, k:k + 1], n + k) for s, d, n in zip(ids, decode, lengths)]
+                replies = client(Step(ids[0], nan, lengths[0] + k), *steps[1:], errors=True)
+                assert isinstance(replies[0], RemoteError) and replies[0].code == ErrorCode.BAD_VALUE
+                outs.append(torch.cat([client(steps[0])[0].hidden] + [r.hidden for r in replies[1:]]))
+            counted[mode] = client.counters()[0] - before[0]
+            outputs[mode] = torch.cat(outs, dim=1)
+            client.close(ids)
+    assert counted["off"] == 0 and counted["on"] > 0
+    on, off_ = outputs["on"].float(), outputs["off"].float()
+    assert (on - off_).abs().max() / off_.abs().max() < tolerance
