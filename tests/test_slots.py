@@ -123,11 +123,13 @@ def test_pooled_sessions_reserve_nothing_beyond_the_pool(span):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("quantization, dtype, tolerance", [("none", "float32", 1e-4), ("nf4", "bfloat16", 5e-2)])
+@pytest.mark.parametrize("quantization, dtype, tolerance", [("none", "float32", 1e-4), ("nf4", "bfloat16", 5e-2),
+                                                            ("int8", "bfloat16", 0)])
 def test_gpu_workers_step_pooled_sessions_as_one_graph_replay(tmp_path, quantization, dtype, tolerance):
     """Real GPU workers: with the pool (the default) concurrent sessions' steps run as shared graph replays, and give
     what a worker replaying each session's own graph gives; a bad step still fails alone. nf4: a pass of several rows
-    runs bitsandbytes' product where one row runs Corolla's kernel, which rounds otherwise."""
+    runs bitsandbytes' product where one row runs Corolla's kernel, which rounds otherwise. int8 workers have no pool:
+their sessions replay graphs of their own, as with it off."""
     tiny_config().save_pretrained(tmp_path)
     off = tmp_path / "off.yaml"
     off.write_text("max_decode_batch: 1\n")
@@ -142,7 +144,7 @@ def test_gpu_workers_step_pooled_sessions_as_one_graph_replay(tmp_path, quantiza
     with LocalSwarm(args) as swarm:
         for mode, endpoint in zip(("on", "off"), swarm.endpoints):
             client = Client(endpoint)
-            assert (client(InfoRequest())[0].extra["slots"] > 1) == (mode == "on")
+            assert (client(InfoRequest())[0].extra["slots"] > 1) == (mode == "on" and quantization != "int8")
             ids = [f"{mode}-{i}" for i in range(len(lengths))]
             client(*(OpenSession(s, 0, 4, 1, 64) for s in ids))
             client(*(Step(s, p, 0) for s, p in zip(ids, prompts)))
@@ -155,6 +157,6 @@ def test_gpu_workers_step_pooled_sessions_as_one_graph_replay(tmp_path, quantiza
             counted[mode] = client.counters()[0] - before[0]
             outputs[mode] = torch.cat(outs, dim=1)
             client.close(ids)
-    assert counted["off"] == 0 and counted["on"] > 0
+    assert counted["off"] == 0 and (counted["on"] > 0) == (quantization != "int8")
     on, off_ = outputs["on"].float(), outputs["off"].float()
-    assert (on - off_).abs().max() / off_.abs().max() < tolerance
+    assert (on - off_).abs().max() / off_.abs().max() <= tolerance

@@ -123,12 +123,13 @@ class WorkerService:
 
     def _slot_pool(self) -> SlotPool | None:
         """The pool whose batch-1 sessions' decode steps share CUDA graphs (worker/slots.py). Not with a compiled
-        step (its graphs serve one session each) nor sliding-window attention (a pool pass attends to every slot)."""
+        step (its graphs serve one session each), sliding-window attention (a pool pass attends to every slot) or
+        int8 weights (bitsandbytes' int8 product of several rows finds its outliers on the host: no graph)."""
         config = getattr(self.span, "span_config", None)
         slots = self.config.max_decode_batch
         length = slot_length(self.config.max_length, self.config.cache_tokens, slots)
         if config is None or self.config.compile_decode or slots < 2 or not length \
-                or getattr(config, "sliding_window", None):
+                or getattr(config, "sliding_window", None) or self.config.quantization == "int8":
             return None
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         return SlotPool(span_step(self.span), len(self.span.layers), slots, length, config.num_key_value_heads,
