@@ -33,12 +33,16 @@ class StaticSpanLayer(StaticLayer):
     the life of the process), plus truncation for the worker's rollback."""
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.batch_size, self.num_heads = key_states.shape[:2]
-        self.k_head_dim, self.v_head_dim = key_states.shape[-1], value_states.shape[-1]
-        shape = (self.batch_size, self.num_heads, self.max_cache_len)
-        self.keys = torch.zeros(*shape, self.k_head_dim, dtype=self.dtype, device=self.device)
-        self.values = torch.zeros(*shape, self.v_head_dim, dtype=self.dtype, device=self.device)
+        shape = (*key_states.shape[:2], self.max_cache_len)
+        self.adopt(key_states.new_zeros(*shape, key_states.shape[-1]),
+                   value_states.new_zeros(*shape, value_states.shape[-1]))
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold these tensors [batch, heads, max_cache_len, head dim] as the cache (views of a pool's slot, say)."""
+        self.keys, self.values = keys, values
+        self.dtype, self.device = keys.dtype, keys.device
+        self.batch_size, self.num_heads = keys.shape[:2]
+        self.k_head_dim, self.v_head_dim = keys.shape[-1], values.shape[-1]
         self.cumulative_length = self.cumulative_length.to(self.device)
         self.is_initialized = True
 

@@ -47,14 +47,13 @@ class SlotSessionCache(StaticSpanCache):
     """A pooled session's cache: every layer a view of its slot's row, for the steps that run eagerly.
 
     The session's position is the truth (pool passes do not count tokens here): `at` sets it before an eager step,
-    and a rollback needs nothing, since slots past the position are masked and written over."""
+    and a rollback needs nothing, since tokens past the position are masked and written over."""
 
     def __init__(self, pool: "SlotPool", slot: int):
         super().__init__(pool.num_layers, pool.length)
         self.pool, self.slot = pool, slot
         for layer, keys, values in zip(self.layers, pool.keys, pool.values):
-            layer.lazy_initialization(keys[slot:slot + 1], values[slot:slot + 1])
-            layer.keys, layer.values = keys[slot:slot + 1], values[slot:slot + 1]
+            layer.adopt(keys[slot:slot + 1], values[slot:slot + 1])
 
     def at(self, position: int) -> "SlotSessionCache":
         for layer in self.layers:
