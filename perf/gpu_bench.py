@@ -8,8 +8,9 @@ and weight format: (a) plain transformers in this process (eager generate(),
 batch 1, a 128-token prompt, 64 new tokens) and (b) two worker processes serving
 half the blocks each (on the same GPU, or one per GPU where a run names 2 GPUs:
 shape:quantization:2) plus the Corolla client on the first GPU, once per worker
-decode path (--paths: "graph" replays CUDA graphs of the eager step,
-"compiled" of the compiled step, "graph-bnb" the graph path with nf4's one-token
+decode path (--paths: "graph" replays CUDA graphs of the eager step, the
+workers' default: the slot pool's graph for one slot (worker/slots.py),
+"compiled" each session's graph of the compiled step, "graph-bnb" the graph path with nf4's one-token
 products on bitsandbytes' kernel instead of Corolla's). Per path: single-batch decode steps/s with
 hops relayed by the client and pushed worker to worker, each worker's time per
 step (from its metrics: the rest is client and bus), greedy tokens equal to
