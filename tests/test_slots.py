@@ -4,16 +4,23 @@ accounted in the worker's cache budget. On a GPU, real workers check the capture
 against graphs of one session each."""
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 import torch
 from transformers import DynamicCache
 
 from corolla.bus.errors import ErrorCode, RemoteError
-from corolla.bus.messages import InfoRequest, OpenSession, Step
+from corolla.bus.messages import CloseSession, InfoRequest, OpenSession, Step
 from corolla.bus.server import RequestError
+from corolla.bus.wire import Envelope
+from corolla.worker.compute import PRIORITY_INFERENCE
+from corolla.worker.config import WorkerConfig
 from corolla.worker.kv_cache import Session, SessionTable
 from corolla.worker.launcher import LocalSwarm
 from corolla.worker.random_weights import random_span
+from corolla.worker.service import WorkerService
 from corolla.worker.slots import SlotPool, SlotRow, _bucket, slot_length, span_step
 from tests.conftest import worker_args
 from tests.test_batching import Client
@@ -160,3 +167,47 @@ their sessions replay graphs of their own, as with it off."""
     assert counted["off"] == 0 and (counted["on"] > 0) == (quantization != "int8")
     on, off_ = outputs["on"].float(), outputs["off"].float()
     assert (on - off_).abs().max() / off_.abs().max() <= tolerance
+
+
+def test_a_worker_steps_its_pooled_sessions_together(span):
+    """The worker's side of the pool, in process on the CPU (where workers have no pool, its passes run eagerly):
+    queued steps of pooled sessions share one pass, a session too long for a slot keeps a cache of its own, a step
+    re-sent from an earlier position and a prefill after pool passes compute what they do alone, and a closed
+    session's slot is free again. The reference is a worker that steps every session alone."""
+    service = WorkerService(span, WorkerConfig(model="tiny", max_length=64, cache_tokens=1000), "tiny", 4, 0, 4, HIDDEN)
+    service.pool = make_pool(span)
+    service.sessions = SessionTable(1000, 60, service.pool)
+    alone = WorkerService(span, WorkerConfig(model="tiny", max_decode_batch=1), "tiny", 4, 0, 4, HIDDEN)
+    ids, lengths = ["a", "b", "c", "long"], [3, 9, 6, 4]
+    prompts = [torch.randn(1, n, HIDDEN) for n in lengths]
+    decode = [torch.randn(1, 4, HIDDEN) for _ in lengths]
+
+    async def steps(worker, messages):
+        blocker = worker.compute.submit(PRIORITY_INFERENCE, time.sleep, 0.2)  # the steps queue up behind it
+        replies = await asyncio.gather(*(worker.handle(Envelope(0, m)) for m in messages))
+        await blocker
+        return [r.hidden for r in replies]
+
+    async def run(worker):
+        for s, n in zip(ids, [LENGTH] * 3 + [LENGTH + 1]):
+            await worker.handle(Envelope(0, OpenSession(s, 0, 4, 1, n)))
+        outs = [await steps(worker, [Step(s, p, 0) for s, p in zip(ids, prompts)])]
+        for k in range(3):
+            outs.append(await steps(worker, [Step(s, d[:, k:k + 1], n + k) for s, d, n in zip(ids, decode, lengths)]))
+        outs.append(await steps(worker, [Step("b", decode[1][:, :2], lengths[1] + 1),  # from an earlier position
+                                         Step("c", decode[2][:, 3:], lengths[2] + 3)]))
+        outs.append(await steps(worker, [Step("b", decode[1][:, 3:], lengths[1] + 3), Step("c", decode[2], 10)]))
+        await worker.handle(Envelope(0, CloseSession("a")))
+        return outs
+
+    try:
+        got, want = asyncio.run(run(service)), asyncio.run(run(alone))
+        assert [service.sessions.get(s).pooled for s in ids[1:]] == [True, True, False]
+        assert service.pool.free_slots == SLOTS - 2  # "a" gave its slot back
+        assert (service.batched_steps, service.decode_batches) == (3 * 3, 3)
+        for g, w in zip(got, want):
+            for a, b in zip(g, w):
+                assert (a - b).abs().max() < 1e-5
+    finally:
+        service.close()
+        alone.close()
