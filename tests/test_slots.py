@@ -95,6 +95,7 @@ def test_any_set_of_sessions_steps_in_one_pass_as_each_does_alone(span):
 def test_passes_attend_over_power_of_two_buckets():
     assert [_bucket(n, 16) for n in (1, 2, 3, 5, 9, 16, 40)] == [1, 2, 4, 8, 16, 16, 16]
     assert [_bucket(n, 1024, 64) for n in (1, 64, 65, 1000, 5000)] == [64, 64, 128, 1024, 1024]
+    assert [_bucket(n, 3000, 64) for n in (2048, 2049, 3000)] == [2048, 3000, 3000]  # the last, up to the slot's end
 
 
 def test_slots_are_taken_lowest_first_and_come_back(span):
@@ -106,10 +107,10 @@ def test_slots_are_taken_lowest_first_and_come_back(span):
     assert pool.free_slots == 1 and pool.acquire().slot == 1
 
 
-def test_slot_length_is_a_power_of_two_within_half_the_budget():
+def test_slots_hold_the_longest_session_within_half_the_budget():
     assert slot_length(max_length=8192, cache_tokens=32768, slots=16) == 1024
     assert slot_length(max_length=4096, cache_tokens=262144, slots=16) == 4096
-    assert slot_length(max_length=3000, cache_tokens=1 << 20, slots=8) == 2048
+    assert slot_length(max_length=3000, cache_tokens=1 << 20, slots=8) == 3000
     assert slot_length(max_length=8192, cache_tokens=2048, slots=16) == 0  # slots too short: no pool
 
 

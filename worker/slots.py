@@ -9,7 +9,7 @@ A pass of b rows reads rows 0..b-1 up to l tokens, as views of those tensors, an
 writes each stepping row's new key and value at that session's own position;
 rows of sessions not in the pass write into the extra scratch row instead, so any
 set of sessions steps as one graph. One graph is captured per (b, l) bucket, both
-powers of two, and serves every session; new sessions take the lowest free slot,
+powers of two (or the pool's full size), and serves every session; new sessions take the lowest free slot,
 which keeps b small. Prefill and any other step run eagerly on the session's own
 row (a StaticSpanCache of views into it).
 """
@@ -202,12 +202,10 @@ def _bucket(n: int, cap: int, smallest: int = 1) -> int:
 
 
 def slot_length(max_length: int, cache_tokens: int, slots: int) -> int:
-    """A pool's slot length: a power of two, at most a session's longest, the pool at most half the cache budget;
+    """A pool's slot length: a session's longest, unless the pool would then take more than half the cache budget;
     0 where that leaves slots too short to be worth it."""
-    most = min(max_length, cache_tokens // (2 * slots))
-    if most < MIN_SLOT_LENGTH:
-        return 0
-    return 1 << (most.bit_length() - 1)
+    length = min(max_length, cache_tokens // (2 * slots))
+    return length if length >= MIN_SLOT_LENGTH else 0
 
 
 def span_step(span: nn.Module) -> Callable:
