@@ -29,9 +29,9 @@ from tests.test_gpu_paths import HIDDEN, tiny_config
 SLOTS, LENGTH = 4, 32
 
 
-def make_pool(span) -> SlotPool:
+def make_pool(span, length: int = LENGTH) -> SlotPool:
     config = span.span_config
-    return SlotPool(span_step(span), len(span.layers), SLOTS, LENGTH, config.num_key_value_heads,
+    return SlotPool(span_step(span), len(span.layers), SLOTS, length, config.num_key_value_heads,
                     HIDDEN // config.num_attention_heads, HIDDEN, torch.float32, torch.device("cpu"))
 
 
@@ -76,8 +76,9 @@ def step_together(pool: SlotPool, pairs: list[Pair]) -> None:
         pair.position += 1
 
 
-def test_any_set_of_sessions_steps_in_one_pass_as_each_does_alone(span):
-    pool = make_pool(span)
+@pytest.mark.parametrize("length", [128, 24])  # 128: passes attend over its first 64 tokens; 24: over all
+def test_any_set_of_sessions_steps_in_one_pass_as_each_does_alone(span, length):
+    pool = make_pool(span, length)
     with torch.inference_mode():
         a, b, c = (Pair(span, pool, n) for n in (3, 9, 5))
         assert [p.cache.slot for p in (a, b, c)] == [0, 1, 2]
