@@ -119,7 +119,7 @@ def test_pooled_sessions_reserve_nothing_beyond_the_pool(span):
     pool = make_pool(span)  # 4 x 32 tokens carved out of the budget
     table = SessionTable(budget_tokens=200, idle_timeout=60, pool=pool)
     assert table.free_tokens == 200
-    table.open(Session("pooled", 0, 4, 1, 20, cache=pool.acquire(), pooled=True))
+    table.open(Session("pooled", 0, 4, 1, 20, cache=pool.acquire()))
     assert table.free_tokens == 200 - LENGTH
     table.open(Session("private", 0, 4, 2, 30, cache=None))
     assert table.free_tokens == 200 - LENGTH - 60

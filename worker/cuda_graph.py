@@ -174,9 +174,9 @@ class GraphDecoder:
         return graph
 
     def shared_pool(self):
-        """The memory pool of every graph of this worker (sessions' and the slot pool's). The allocator keeps a pool only while a graph captured into it
-        lives, and capturing into a pool whose graphs are all gone fails; a one-kernel graph that lives as long as
-        this decoder keeps the pool for the sessions to come."""
+        """The memory pool of every graph of this worker (sessions' and the slot pool's). The allocator keeps a pool
+        only while a graph captured into it lives, and capturing into a pool whose graphs are all gone fails; a
+        one-kernel graph that lives as long as this decoder keeps the pool for the sessions to come."""
         if self._pool is None:
             pool, keeper = torch.cuda.graph_pool_handle(), torch.cuda.CUDAGraph()
             with torch.cuda.graph(keeper, pool=pool, capture_error_mode="thread_local"):

@@ -17,6 +17,7 @@ import torch
 
 from corolla.bus.errors import ErrorCode
 from corolla.bus.server import RequestError
+from corolla.worker.slots import SlotSessionCache
 
 
 @dataclass
@@ -28,10 +29,14 @@ class Session:
     max_length: int
     cache: object  # transformers Cache of the span
     adapter: str = ""
-    pooled: bool = False  # its cache is a slot of the worker's pool (SlotSessionCache)
     position: int = 0  # tokens already in the cache
     mask: torch.Tensor | None = None  # [batch, position] while any padding has been seen
     last_used: float = field(default_factory=time.monotonic)
+
+    @property
+    def pooled(self) -> bool:
+        """Whether its cache is a slot of the worker's pool."""
+        return isinstance(self.cache, SlotSessionCache)
 
     @property
     def reserved_tokens(self) -> int:

@@ -152,13 +152,11 @@ class WorkerService:
         if not msg.session_id or len(msg.session_id) > 128:
             raise RequestError(ErrorCode.BAD_REQUEST, "session id must be 1..128 characters")
         self.sessions.expire()  # their slots first
-        session = Session(msg.session_id, msg.start, msg.end, msg.batch_size, msg.max_length, cache=None,
-                          adapter=msg.adapter)
-        session.cache = self._pooled_cache(msg)
-        session.pooled = session.cache is not None
-        if not session.pooled:
-            session.cache = (self.graphs.new_cache(msg.batch_size, msg.start, msg.end, msg.adapter, msg.max_length)
-                             if self.graphs else self.span.new_cache())
+        cache = self._pooled_cache(msg)
+        if cache is None:
+            cache = (self.graphs.new_cache(msg.batch_size, msg.start, msg.end, msg.adapter, msg.max_length)
+                     if self.graphs else self.span.new_cache())
+        session = Session(msg.session_id, msg.start, msg.end, msg.batch_size, msg.max_length, cache, msg.adapter)
         try:
             self.sessions.open(session)
         except RequestError:

@@ -9,9 +9,9 @@ A pass of b rows reads rows 0..b-1 up to l tokens, as views of those tensors, an
 writes each stepping row's new key and value at that session's own position;
 rows of sessions not in the pass write into the extra scratch row instead, so any
 set of sessions steps as one graph. One graph is captured per (b, l) bucket, both
-powers of two (or the pool's full size), and serves every session; new sessions take the lowest free slot,
-which keeps b small. Prefill and any other step run eagerly on the session's own
-row (a StaticSpanCache of views into it).
+powers of two (or the pool's full size), and serves every session; new sessions
+take the lowest free slot, which keeps b small. Prefill and any other step run
+eagerly on the session's own row (a StaticSpanCache of views into it).
 """
 from __future__ import annotations
 
@@ -150,7 +150,7 @@ class SlotPool:
         self._free = list(range(slots))
         self._lock = threading.Lock()  # sessions open and close on the event loop, passes run on the compute thread
         self._passes: dict[tuple[int, int], _Pass] = {}
-        self._graph_pool = graph_pool  # CUDA: returns the memory pool passes are captured into; None: passes run eagerly
+        self._graph_pool = graph_pool  # CUDA: returns the memory pool passes are captured into; None: eager passes
 
     @property
     def free_slots(self) -> int:
