@@ -1,6 +1,7 @@
 """The example worker configs in configs/ stay loadable as the settings evolve."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -18,3 +19,15 @@ def test_there_are_example_configs():
 def test_example_config_loads(path):
     config = WorkerConfig.load(path)
     assert config.model and (config.span() is not None or config.num_blocks)
+
+
+def test_workers_spin_openmp_briefly_unless_told_how_to_wait(monkeypatch):
+    from corolla.cli import OPENMP_SPIN, spin_briefly
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    spin_briefly()
+    assert os.environ["GOMP_SPINCOUNT"] == OPENMP_SPIN
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
+    spin_briefly()
+    assert "GOMP_SPINCOUNT" not in os.environ
