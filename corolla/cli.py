@@ -126,20 +126,7 @@ def _convert(args) -> None:
     print(f"model folder: {folder}")
 
 
-OPENMP_SPIN = "100000"  # libgomp's busy-wait before an idle thread sleeps: about a millisecond
-
-
-def spin_briefly() -> None:
-    """Call before torch loads OpenMP. Idle OpenMP threads spin through the microsecond gaps between one step's
-    parallel regions (sleeping there costs a wake-up per region, 18-50% of a CPU decode step on a 16-core VM), then
-    sleep within about a millisecond, so they do not hold the cores the next worker of a chain on the same machine
-    computes on. libgomp's own default spins 3 ms; passive waits sleep at once. A set OMP_WAIT_POLICY wins."""
-    if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPIN)
-
-
 def _worker(args) -> None:
-    spin_briefly()
     from corolla.worker.config import ConfigError, WorkerConfig
     from corolla.worker.main import serve
 

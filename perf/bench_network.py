@@ -34,13 +34,13 @@ import time
 from datetime import date
 from pathlib import Path
 
+# Set before torch loads OpenMP. Up to 3 workers and the client share this machine's cores: spinning OpenMP threads
+# would cost the process computing many times over (worker/launcher.py), and the client and the local baseline must
+# compute under the workers' policy.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-
-from corolla.cli import spin_briefly  # noqa: E402
-
-spin_briefly()  # before torch loads OpenMP: the client and the local baseline wait as the workers do
 
 import torch  # noqa: E402
 from transformers import LogitsProcessor, LogitsProcessorList  # noqa: E402

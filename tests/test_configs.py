@@ -21,13 +21,14 @@ def test_example_config_loads(path):
     assert config.model and (config.span() is not None or config.num_blocks)
 
 
-def test_workers_spin_openmp_briefly_unless_told_how_to_wait(monkeypatch):
-    from corolla.cli import OPENMP_SPIN, spin_briefly
+
+def test_co_located_workers_wait_passively_only_where_their_threads_outnumber_the_cores(monkeypatch):
+    from corolla.worker.launcher import openmp_env
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
-    spin_briefly()
-    assert os.environ["GOMP_SPINCOUNT"] == OPENMP_SPIN
-    monkeypatch.delenv("GOMP_SPINCOUNT")
-    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
-    spin_briefly()
-    assert "GOMP_SPINCOUNT" not in os.environ
+    cores = len(os.sched_getaffinity(0))
+    assert openmp_env([["--threads", str(cores)]]) == {}  # one worker alone may spin
+    assert openmp_env([["--threads", "1"], ["--threads", "1"]]) == ({} if cores >= 2 else {"OMP_WAIT_POLICY": "PASSIVE"})
+    assert openmp_env([["--threads", str(cores)], ["--blocks", "0:1", "--threads", "1"]]) == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert openmp_env([["--model", "m"], ["--model", "m"]]) == {"OMP_WAIT_POLICY": "PASSIVE"}  # each takes every core
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert openmp_env([["--model", "m"], ["--model", "m"]]) == {}  # the user's choice stands

@@ -71,11 +71,33 @@ def start_worker(*args: str, timeout: float = 120.0, **kwargs) -> WorkerProcess:
     return spawn_worker(*args, **kwargs).wait_ready(timeout)
 
 
+def openmp_env(worker_args: list[list[str]]) -> dict[str, str]:
+    """Passive OpenMP waits for workers whose threads together outnumber this machine's cores.
+
+    An idle OpenMP thread spins about 3 ms (libgomp's default) before it sleeps, which keeps a decode step's many
+    short parallel regions fast: sleeping at once costs a wake-up per region, up to 18% of a CPU worker's step
+    (perf/RESULTS.md). But a chain's workers compute in turn, so where they share cores the spinning of the one that
+    just finished takes the cores of the one computing now. A worker without --threads counts as using every core."""
+    if "OMP_WAIT_POLICY" in os.environ:
+        return {}
+    cores = len(os.sched_getaffinity(0))
+    threads = sum(_threads(args) or cores for args in worker_args)
+    return {"OMP_WAIT_POLICY": "PASSIVE"} if len(worker_args) > 1 and threads > cores else {}
+
+
+def _threads(args: list[str]) -> int | None:
+    for flag, value in zip(args, args[1:]):
+        if flag == "--threads":
+            return int(value)
+    return None
+
+
 class LocalSwarm:
     """Several workers on loopback, stopped together."""
 
-    def __init__(self, worker_args: list[list[str]], timeout: float = 120.0, **kwargs):
-        self.workers = [spawn_worker(*args, **kwargs) for args in worker_args]  # start together, load in parallel
+    def __init__(self, worker_args: list[list[str]], timeout: float = 120.0, env: dict | None = None, **kwargs):
+        env = {**openmp_env(worker_args), **(env or {})}
+        self.workers = [spawn_worker(*args, env=env, **kwargs) for args in worker_args]  # start together, in parallel
         try:
             for worker in self.workers:
                 worker.wait_ready(timeout)
