@@ -66,14 +66,15 @@ def run_api(model_folders: list[str], initial_peers: list[str], host: str, port:
 def _start_demo_swarm(stack: contextlib.ExitStack) -> tuple[str, list[str]]:
     from corolla.demo import CONFIGS
     from corolla.models.convert import convert
-    from corolla.worker.launcher import LocalSwarm
+    from corolla.worker.launcher import LocalSwarm, openmp_env
 
     folder = str(convert())
     log.info("starting the demo's 2 workers of %s ...", folder)
     # The second joins the first's swarm (one gossip table for both), once the first answers gossip.
-    first = stack.enter_context(LocalSwarm([["--config", str(CONFIGS / DEMO_CONFIGS[0]), "--model", folder]]))
-    second = stack.enter_context(LocalSwarm([["--config", str(CONFIGS / DEMO_CONFIGS[1]), "--model", folder,
-                                              "--initial-peers", *first.endpoints]]))
+    args = [["--config", str(CONFIGS / name), "--model", folder] for name in DEMO_CONFIGS[:2]]
+    env = openmp_env(args)  # started apart, the two still share this machine's cores
+    first = stack.enter_context(LocalSwarm([args[0]], env=env))
+    second = stack.enter_context(LocalSwarm([[*args[1], "--initial-peers", *first.endpoints]], env=env))
     workers = first.workers + second.workers
     for worker in workers:
         log.info("worker %s serves blocks %d:%d", worker.endpoint, worker.start, worker.end)

@@ -108,7 +108,8 @@ def client_run(args) -> None:
 
 
 def run_profile(name: str, folder: str, args) -> dict:
-    from corolla.worker.launcher import spawn_worker
+    from corolla.worker.launcher import openmp_env, spawn_worker
+    env = openmp_env([["--threads", str(args.threads)]] * len(SPANS))  # the workers share this machine's cores
     with netem.Topology(["w1", "w2", "client"], name) as topo:
         link = netem.measure(topo, "client", "w1", max_seconds=2.0) if topo.netns("client") else None
         delay = netem.PROFILES[name].delay_ms
@@ -121,7 +122,7 @@ def run_profile(name: str, folder: str, args) -> dict:
                 bind = "127.0.0.1" if delay else topo.addr(host)
                 workers.append(spawn_worker("--model", folder, "--blocks", span, "--host", bind, "--port", str(port),
                                             "--metrics-port", str(port + METRICS_OFFSET), "--no-mdns",
-                                            "--threads", str(args.threads), "--cache-tokens", "20000",
+                                            "--threads", str(args.threads), "--cache-tokens", "20000", env=env,
                                             prefix=["ip", "netns", "exec", ns] if ns else None))
                 public = port + RELAY_OFFSET if delay else port
                 if delay:
