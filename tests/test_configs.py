@@ -1,4 +1,4 @@
-"""The example worker configs in configs/ stay loadable as the settings evolve."""
+"""The example worker configs in configs/ stay loadable as the settings evolve; the settings local workers get."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,6 @@ def test_there_are_example_configs():
 def test_example_config_loads(path):
     config = WorkerConfig.load(path)
     assert config.model and (config.span() is not None or config.num_blocks)
-
 
 
 def test_co_located_workers_wait_passively_only_where_their_threads_outnumber_the_cores(monkeypatch):

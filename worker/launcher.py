@@ -75,8 +75,8 @@ def openmp_env(worker_args: list[list[str]]) -> dict[str, str]:
     """Passive OpenMP waits for workers whose threads together outnumber this machine's cores.
 
     An idle OpenMP thread spins about 3 ms (libgomp's default) before it sleeps, which keeps a decode step's many
-    short parallel regions fast: sleeping at once costs a wake-up per region, up to 18% of a CPU worker's step
-    (perf/RESULTS.md). But a chain's workers compute in turn, so where they share cores the spinning of the one that
+    short parallel regions fast: sleeping at once costs a wake-up per region, 18-40% of a CPU worker's step on a
+    16-core VM (perf/RESULTS.md). But a chain's workers compute in turn, so where they share cores the spinning of the one that
     just finished takes the cores of the one computing now. A worker without --threads counts as using every core."""
     if "OMP_WAIT_POLICY" in os.environ:
         return {}
