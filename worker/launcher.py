@@ -76,8 +76,9 @@ def openmp_env(worker_args: list[list[str]]) -> dict[str, str]:
 
     An idle OpenMP thread spins about 3 ms (libgomp's default) before it sleeps, which keeps a decode step's many
     short parallel regions fast: sleeping at once costs a wake-up per region, 18-40% of a CPU worker's step on a
-    16-core VM (perf/RESULTS.md). But a chain's workers compute in turn, so where they share cores the spinning of the one that
-    just finished takes the cores of the one computing now. A worker without --threads counts as using every core."""
+    16-core VM (perf/RESULTS.md). But a chain's workers compute in turn, so where they share cores the spinning of
+    the one that just finished takes the cores of the one computing now. A worker without --threads counts as
+    using every core."""
     if "OMP_WAIT_POLICY" in os.environ:
         return {}
     cores = len(os.sched_getaffinity(0))
