@@ -55,6 +55,8 @@ def convert(out: Path | None = None, force: bool = False) -> Path:
     log.info("converting %s into %s", source, out)
     loaded = AutoModelForCausalLM.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(source.parent, gguf_file=source.name, local_files_only=True)
+    if tokenizer.pad_token is None:  # transformers 5.17 reads none from this GGUF; SmolLM2 itself pads with its EOS
+        tokenizer.pad_token = tokenizer.eos_token
     config_dict = loaded.config.to_dict()
     config_dict.pop("quantization_config", None)
     config_dict.pop("_name_or_path", None)
