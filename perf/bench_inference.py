@@ -182,7 +182,8 @@ def main() -> None:
                        ("forward_b16_tok_s", "forward tokens/s, batch 16")):
         a, b = results["local"][key], results["swarm"][key]
         print(f"{label:28} {a:10.1f} {b:10.1f} {b / a:7.2f}")
-    ratios = [b / a for a, b in zip(results["local"]["decode_rounds_steps_s"], results["swarm"]["decode_rounds_steps_s"])]
+    rounds = zip(results["local"]["decode_rounds_steps_s"], results["swarm"]["decode_rounds_steps_s"])
+    ratios = [b / a for a, b in rounds]
     print(f"decode, round by round (best of each side above): ratios {' '.join(f'{r:.2f}' for r in ratios)}, "
           f"median {statistics.median(ratios):.2f}")
     local_ms, swarm = results["local"]["step_ms"], results["swarm"]
