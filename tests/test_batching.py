@@ -253,4 +253,3 @@ def test_benchmark_sessions_in_processes_of_their_own(tmp_path):
     # sessions that ran one after another would give the same tokens/s in all as each gives alone
     assert figures["aggregate_tok_s"] > 1.2 * figures["session_steps_s"] > 0
     assert 0 <= results["on"][3]["batched"] <= 1
-

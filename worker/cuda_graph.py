@@ -79,6 +79,12 @@ def make_current(device: torch.device) -> None:
         torch.cuda.set_device(device)
 
 
+def graphable(batch_size: int, adapter: str, blocks: tuple[int, int], span: tuple[int, int]) -> bool:
+    """Whether a session's single-token steps can replay a graph (its own or a slot pool's): batch 1, no adapter,
+    the worker's whole span."""
+    return batch_size == 1 and not adapter and blocks == span
+
+
 class DecodeGraph:
     """One session's single-token step over its static cache, captured once and replayed for every token."""
 
@@ -134,7 +140,7 @@ class GraphDecoder:
 
     def new_cache(self, batch_size: int, start: int, end: int, adapter: str, max_length: int) -> Cache:
         """A static cache for sessions whose single-token steps can replay a graph; the span's own cache otherwise."""
-        if batch_size == 1 and not adapter and (start, end) == (self.start, self.end):
+        if graphable(batch_size, adapter, (start, end), (self.start, self.end)):
             return StaticSpanCache(self.num_layers, max_length)
         return self.span.new_cache()
 

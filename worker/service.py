@@ -25,7 +25,7 @@ from corolla.worker.adapters import AdapterSet
 from corolla.worker.batching import Row, groups, joinable, step_together
 from corolla.worker.compute import PRIORITY_FORWARD, PRIORITY_INFERENCE, PRIORITY_TRAINING, PriorityExecutor
 from corolla.worker.config import WorkerConfig
-from corolla.worker.cuda_graph import GraphDecoder, make_current
+from corolla.worker.cuda_graph import GraphDecoder, graphable, make_current
 from corolla.worker.kv_cache import Session, SessionTable
 from corolla.worker.push import Mailbox, Pusher
 from corolla.worker.slots import SlotPool, SlotRow, slot_length, span_step
@@ -166,8 +166,8 @@ class WorkerService:
 
     def _pooled_cache(self, msg: OpenSession):
         """A slot of the pool for a batch-1 session of the whole span that fits one, if any is free."""
-        if self.pool is None or msg.batch_size != 1 or msg.adapter or (msg.start, msg.end) != (self.start, self.end) \
-                or msg.max_length > self.pool.length:
+        if self.pool is None or msg.max_length > self.pool.length \
+                or not graphable(msg.batch_size, msg.adapter, (msg.start, msg.end), (self.start, self.end)):
             return None
         return self.pool.acquire()
 
