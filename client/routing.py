@@ -366,6 +366,7 @@ class SwarmRouter:
         self.rtt = RttTracker(pool)
         self.links = LinkMeter(pool)
         self._refresher: asyncio.Task | None = None
+        self._closing: asyncio.Future | None = None  # close() once a finalizer asked for it
         self._changed = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsubscribe = view.subscribe(self._on_view_change)
@@ -451,9 +452,13 @@ class SwarmRouter:
             return hops
 
     def close_soon(self) -> None:
-        """Stop discovery and RTT refreshes from any thread (a model's finalizer calls this)."""
+        """Stop discovery and RTT refreshes from any thread (a model's finalizer calls this). The coroutine is made
+        on the loop itself: at interpreter exit the loop has stopped, and one made here would never be awaited."""
         if self.bus is not None:
-            asyncio.run_coroutine_threadsafe(self.close(), self.bus.loop)
+            self.bus.loop.call_soon_threadsafe(self._close_on_loop)
+
+    def _close_on_loop(self) -> None:
+        self._closing = asyncio.ensure_future(self.close())
 
     async def close(self) -> None:
         self._unsubscribe()

@@ -1,6 +1,8 @@
 """Workers serve spans; a client generates through the chain exactly as the local model does."""
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 
@@ -209,3 +211,21 @@ def test_session_on_later_blocks_of_a_span_matches_a_worker_of_just_those_blocks
                     name, tokens[:, a:b], a, None if step_mask is None else step_mask[:, a:b],
                     torch.arange(a, b)[None])).hidden for a, b in parts], dim=1))
             assert (outs[0] - outs[1]).abs().max() < 1e-5, name
+
+
+def test_a_script_that_leaves_its_model_open_exits_quietly(tiny_llama_folder, tmp_path):
+    """Most scripts never close their model: the exit must not warn of an unawaited coroutine or fail."""
+    script = tmp_path / "script.py"
+    script.write_text(
+        "import torch\n"
+        "from corolla import AutoDistributedModelForCausalLM\n"
+        "from corolla.worker.launcher import LocalSwarm\n"
+        f"swarm = LocalSwarm([['--model', {tiny_llama_folder!r}, '--blocks', '0:4', '--threads', '1']])\n"
+        f"model = AutoDistributedModelForCausalLM.from_pretrained({tiny_llama_folder!r}, "
+        "initial_peers=swarm.endpoints)\n"
+        "print(model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, pad_token_id=0).shape)\n"
+        "swarm.stop()\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "torch.Size([1, 6])" in done.stdout
+    assert "Warning" not in done.stderr and "Traceback" not in done.stderr, done.stderr

@@ -35,6 +35,7 @@ class WorkerProcess:
             if match and not self.ready.is_set():
                 self.endpoint, self.start, self.end = match["endpoint"], int(match["start"]), int(match["end"])
                 self.ready.set()
+        self.process.stdout.close()
         self.ready.set()
 
     def wait_ready(self, timeout: float = 120.0) -> "WorkerProcess":
