@@ -58,7 +58,7 @@ def paired_decode(local, remote, prompt_ids, new_tokens, repeats) -> tuple[list[
 
 
 def token_breakdown(model, prompt_ids, steps: int, ports: list[int]) -> dict:
-    """Where one swarm decode token's time goes: the median single-token step through the chain, each worker's
+    """Where one relayed swarm decode token's time goes: the median single-token step through the chain, each worker's
     own mean time for it (receipt to reply, from its metrics) and the part of it spent computing, and the median
     empty step (no tokens: both hops, the bus and every hand-off, no compute)."""
     with torch.inference_mode():
@@ -161,7 +161,10 @@ def main() -> None:
         results["local"]["decode_steps_s"], results["swarm"]["decode_steps_s"] = max(local_rates), max(swarm_rates)
         log.info("one token's time, by where it goes")
         results["local"]["step_ms"] = local_step_ms(local, prompt, args.new_tokens)
-        results["swarm"].update(token_breakdown(remote, prompt, args.new_tokens, ports))
+        # relayed: with push, one worker's time would hold its wait for the previous one's output
+        relayed = AutoDistributedModelForCausalLM.from_pretrained(
+            folder, initial_peers=swarm.endpoints, wire_dtype=wire, use_server_to_server=False)
+        results["swarm"].update(token_breakdown(relayed, prompt, args.new_tokens, ports))
         for b in (1, 16):
             log.info("forward batch %d", b)
             for name, model in (("local", local), ("swarm", remote)):
@@ -187,10 +190,11 @@ def main() -> None:
     print(f"decode, round by round (best of each side above): ratios {' '.join(f'{r:.2f}' for r in ratios)}, "
           f"median {statistics.median(ratios):.2f}")
     local_ms, swarm = results["local"]["step_ms"], results["swarm"]
-    print(f"\none token's step (all blocks, no LM head): local {local_ms:.1f} ms; swarm {swarm['step_ms']:.1f} ms = "
-          f"workers' own {' + '.join(f'{w:.1f}' for w in swarm['worker_ms'])} ms (computing "
-          f"{' + '.join(f'{c:.1f}' for c in swarm['worker_compute_ms'])}) + {swarm['step_ms'] - sum(swarm['worker_ms']):.1f} "
-          f"ms of bus and client; an empty step through both hops {swarm['empty_step_ms']:.1f} ms")
+    own, computing = (" + ".join(f"{v:.1f}" for v in swarm[k]) for k in ("worker_ms", "worker_compute_ms"))
+    print(f"\none token's step (all blocks, no LM head): local {local_ms:.1f} ms; "
+          f"swarm (relayed) {swarm['step_ms']:.1f} ms = workers' own {own} ms (computing {computing}) + "
+          f"{swarm['step_ms'] - sum(swarm['worker_ms']):.1f} ms of bus and client; "
+          f"an empty step through both hops {swarm['empty_step_ms']:.1f} ms")
     print(f"\n{'swarm blocks, 128 tokens':28} {'whole':>10} {'micro':>10} {'ratio':>7}")
     for b in args.pipeline_batches:
         a, m = results["pipeline"][f"whole_b{b}_tok_s"], results["pipeline"][f"micro_b{b}_tok_s"]
