@@ -1,10 +1,12 @@
 """Swarm vs one process, side by side: single-batch decode steps/s and parallel forward tokens/s.
 
-    python perf/bench_inference.py [--threads 2] [--new-tokens 64] [--pipeline-batches 16 64] [--json PATH]
+    python perf/bench_inference.py [--threads 2] [--new-tokens 64] [--pipeline-batches 16 64] [--model DIR]
+                                   [--json PATH]
 
-The same SmolLM2-135M runs (a) locally in this process with transformers'
-generate() and forward, and (b) through 2 worker processes on loopback
-(blocks 0:15 and 15:30) with the Corolla client. Both use the same torch thread
+The same model (SmolLM2-135M unless --model names a folder) runs (a) locally in
+this process with transformers' generate() and forward, and (b) through 2 worker
+processes on loopback (each half of the blocks; 0:15 and 15:30 for SmolLM2)
+with the Corolla client. Both use the same torch thread
 count, and each worker uses it too: the chain's workers compute one after
 another, never at once, in single-batch decode. Ratios are swarm / local. The
 two sides are measured in alternating rounds with the swarm up throughout, so
@@ -130,6 +132,7 @@ def main() -> None:
     parser.add_argument("--push", choices=["auto", "on", "off"], default="auto", help="server-to-server push")
     parser.add_argument("--pipeline-batches", type=int, nargs="*", default=[16, 64],
                         help="batch sizes (x 128 tokens) run whole and in micro-batches")
+    parser.add_argument("--model", help="a model folder (default: SmolLM2-135M-Instruct, converted on first use)")
     parser.add_argument("--json", default="perf/out/bench_inference.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -141,14 +144,15 @@ def main() -> None:
     from corolla.models.convert import convert
     from corolla.worker.launcher import LocalSwarm
 
-    folder = str(convert())
+    folder = args.model or str(convert())
     local = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     vocab = local.config.vocab_size
     prompt = torch.randint(0, vocab, (1, args.prompt_tokens), generator=torch.Generator().manual_seed(1))
     results = {"local": {}, "swarm": {}, "pipeline": {}}
     ports = [free_port(), free_port()]
+    half, blocks = local.config.num_hidden_layers // 2, local.config.num_hidden_layers
     worker_args = [["--model", folder, "--blocks", span, "--threads", str(args.threads), "--metrics-port", str(port)]
-                   for span, port in zip(("0:15", "15:30"), ports)]
+                   for span, port in zip((f"0:{half}", f"{half}:{blocks}"), ports)]
     push = {"auto": None, "on": True, "off": False}[args.push]
     log.info("starting 2 workers")
     with torch.inference_mode(), LocalSwarm(worker_args) as swarm:
@@ -178,7 +182,8 @@ def main() -> None:
                 results["pipeline"][f"{name}_b{b}_tok_s"] = blocks_tokens_per_s(model, b, 128, args.repeats, vocab)
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
-    print(f"\nSmolLM2-135M, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; swarm = 2 workers on "
+    print(f"\n{Path(folder).name}, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; "
+          f"swarm = 2 workers on "
           f"loopback, {args.wire} on the wire; {machine}; {date.today()}")
     print(f"{'metric':28} {'local':>10} {'swarm':>10} {'ratio':>7}")
     for key, label in (("decode_steps_s", "decode steps/s (batch 1)"), ("forward_b1_tok_s", "forward tokens/s, batch 1"),
