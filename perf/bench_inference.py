@@ -60,9 +60,9 @@ def paired_decode(local, remote, prompt_ids, new_tokens, repeats) -> tuple[list[
 
 
 def token_breakdown(model, prompt_ids, steps: int, ports: list[int]) -> dict:
-    """Where one relayed swarm decode token's time goes: the median single-token step through the chain, each worker's
-    own mean time for it (receipt to reply, from its metrics) and the part of it spent computing, and the median
-    empty step (no tokens: both hops, the bus and every hand-off, no compute)."""
+    """Where one relayed swarm decode token's time goes: the median single-token step through the chain, each
+    worker's own mean time for it (receipt to reply, from its metrics) and the part of it spent computing, and the
+    median empty step (no tokens: both hops, the bus and every hand-off, no compute)."""
     with torch.inference_mode():
         hidden = model.model.embed_tokens(prompt_ids)
         with model.inference_session(max_length=prompt_ids.shape[1] + 2 * steps + 2) as session:
@@ -183,8 +183,7 @@ def main() -> None:
 
     machine = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {args.threads} threads"
     print(f"\n{Path(folder).name}, {args.prompt_tokens}-token prompt, {args.new_tokens} new tokens; "
-          f"swarm = 2 workers on "
-          f"loopback, {args.wire} on the wire; {machine}; {date.today()}")
+          f"swarm = 2 workers on loopback, {args.wire} on the wire; {machine}; {date.today()}")
     print(f"{'metric':28} {'local':>10} {'swarm':>10} {'ratio':>7}")
     for key, label in (("decode_steps_s", "decode steps/s (batch 1)"), ("forward_b1_tok_s", "forward tokens/s, batch 1"),
                        ("forward_b16_tok_s", "forward tokens/s, batch 16")):
