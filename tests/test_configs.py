@@ -21,7 +21,7 @@ def test_example_config_loads(path):
     assert config.model and (config.span() is not None or config.num_blocks)
 
 
-def test_co_located_workers_wait_passively_only_where_their_threads_outnumber_the_cores(monkeypatch):
+def test_co_located_workers_wait_passively_only_where_their_threads_outnumber_the_cores(monkeypatch, tmp_path):
     from corolla.worker.launcher import openmp_env
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     cores = len(os.sched_getaffinity(0))
@@ -30,5 +30,9 @@ def test_co_located_workers_wait_passively_only_where_their_threads_outnumber_th
     assert openmp_env([["--threads", "1"], ["--threads", "1"]]) == ({} if cores >= 2 else passive)
     assert openmp_env([["--threads", str(cores)], ["--blocks", "0:1", "--threads", "1"]]) == passive
     assert openmp_env([["--model", "m"], ["--model", "m"]]) == passive  # each takes every core
+    one_thread = tmp_path / "worker.yaml"
+    one_thread.write_text("model: m\nthreads: 1\n")
+    assert openmp_env([["--config", str(one_thread)]] * 2) == ({} if cores >= 2 else passive)
+    assert openmp_env([["--config", str(one_thread), "--threads", str(cores)]] * 2) == passive  # the flag wins
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert openmp_env([["--model", "m"], ["--model", "m"]]) == {}  # the user's choice stands

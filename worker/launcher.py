@@ -78,8 +78,8 @@ def openmp_env(worker_args: list[list[str]]) -> dict[str, str]:
     An idle OpenMP thread spins about 3 ms (libgomp's default) before it sleeps, which keeps a decode step's many
     short parallel regions fast: sleeping at once costs a wake-up per region, 18-40% of a CPU worker's step on a
     16-core VM (perf/RESULTS.md). But a chain's workers compute in turn, so where they share cores the spinning of
-    the one that just finished takes the cores of the one computing now. A worker without --threads counts as
-    using every core."""
+    the one that just finished takes the cores of the one computing now. A worker whose threads neither --threads nor
+    its --config file sets counts as using every core."""
     if "OMP_WAIT_POLICY" in os.environ:
         return {}
     cores = len(os.sched_getaffinity(0))
@@ -88,9 +88,17 @@ def openmp_env(worker_args: list[list[str]]) -> dict[str, str]:
 
 
 def _threads(args: list[str]) -> int | None:
-    for flag, value in zip(args, args[1:]):
-        if flag == "--threads":
-            return int(value)
+    """A worker's --threads, else its config file's threads; None where neither sets them (or the file is bad: the
+    worker itself will say so)."""
+    flags = dict(zip(args, args[1:]))
+    if "--threads" in flags:
+        return int(flags["--threads"])
+    if "--config" in flags:
+        from corolla.worker.config import ConfigError, WorkerConfig
+        try:
+            return WorkerConfig.load(flags["--config"]).threads
+        except ConfigError:
+            return None
     return None
 
 
