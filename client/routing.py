@@ -6,9 +6,9 @@ mDNS) as a shortest path over block boundaries: a hop runs blocks [a, b) on
 one worker whose span contains them (so chains may enter a span in its middle
 and spans may overlap), and costs
 
-* latency mode (inference): the worker's measured RTT + (b - a) x its
-  per-block compute time (1 / announced throughput); the chain minimises the
-  expected time per token;
+* latency mode (inference): the worker's measured RTT + HOP_OVERHEAD_S +
+  (b - a) x its per-block compute time (1 / announced throughput); the chain
+  minimises the expected time per token;
 * throughput mode (stateless forward/backward): the same cost, times a
   random factor in [1, 1 + THROUGHPUT_SPREAD) drawn per worker and request,
   so concurrent requests spread over replicas of similar speed.
@@ -56,6 +56,11 @@ PING_SAMPLES = 3  # the first ping of a new connection also pays for the TCP han
 RTT_REFRESH_S = 10.0
 RTT_SMOOTHING = 0.3  # weight of a new sample in the running RTT estimate
 UNREACHABLE_RTT_S = 10.0  # a worker that did not answer a ping: used only if nothing else covers its blocks
+# What a hop costs beyond its ping's round trip and its compute: the worker's hand-off to its compute thread and the
+# activations' encoding, and the client's relay. Measured ~0.5 ms a hop on a 2-core CPU VM and ~0.8 ms of host time
+# a step on an H100 worker (perf/RESULTS.md). Without it, a chain with a hop more would win on a measured compute
+# time a few percent faster, within the noise of the workers' throughput figures on a shared machine.
+HOP_OVERHEAD_S = 0.001
 UNKNOWN_BLOCK_S = 0.005  # per-block compute time when no worker announces a throughput
 VIEW_POLL_S = 0.5  # while waiting for discovery to fill a gap
 PROBE_START_BYTES = 64 << 10
@@ -415,7 +420,7 @@ class SwarmRouter:
 
         def cost(peer: PeerEntry, blocks: int) -> float:
             block_s = 1 / peer.throughput if peer.throughput > 0 else default_block_s
-            return (self.rtt.get(peer.endpoint) + blocks * block_s) * spread.get(peer.peer_id, 1.0)
+            return (self.rtt.get(peer.endpoint) + HOP_OVERHEAD_S + blocks * block_s) * spread.get(peer.peer_id, 1.0)
 
         return cost
 

@@ -65,6 +65,11 @@ class InferenceSession:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    @property
+    def chain(self) -> list[tuple[str, int, int]]:
+        """The workers serving this session now, as (endpoint, start, end) per hop; empty before the first step."""
+        return [(hop.endpoint, hop.start, hop.end) for hop in self._hops or []]
+
     def step(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None,
              position_ids: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
         """Run new tokens' hidden states [batch, tokens, hidden] through all blocks; tokens may be 0."""

@@ -92,6 +92,7 @@ def test_petals_style_session_api(smollm_folder, smollm_swarm, smollm_local, smo
         first = model.generate(ids, max_new_tokens=4, do_sample=False)
         rest = model.generate(None, max_new_tokens=8, do_sample=False)
         assert session.position == want.shape[1] - 1
+        assert session.chain == [(w.endpoint, w.start, w.end) for w in smollm_swarm.workers]
     assert torch.equal(first, want[:, :ids.shape[1] + 4])
     assert torch.equal(rest, want)
 

@@ -85,6 +85,16 @@ def test_allowed_blocked_and_excluded_servers():
     assert e.value.missing == [(15, 30)]
 
 
+def test_a_hop_more_must_save_more_than_its_overhead():
+    """Two halves computing 2% faster than one whole-model worker (within a shared machine's noise of throughput
+    figures) do not win over it: a hop costs its hand-offs beyond the ping's round trip. Twice as fast, they do."""
+    whole = entry("whole", 0, 30, throughput=1000)
+    for halves_throughput, want in ((1020, [("whole", 0, 30)]), (2000, [("head", 0, 15), ("tail", 15, 30)])):
+        peers = [whole, entry("head", 0, 15, throughput=halves_throughput),
+                 entry("tail", 15, 30, throughput=halves_throughput)]
+        assert hops_of(chain(make_router(peers, rtt={p.endpoint: 0.0003 for p in peers}))) == want
+
+
 def test_throughput_mode_spreads_over_replicas_latency_mode_does_not():
     peers = [entry("r1", 0, 30), entry("r2", 0, 30), entry("slow", 0, 30, throughput=10)]
 
