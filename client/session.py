@@ -13,7 +13,9 @@ import asyncio
 import itertools
 import logging
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -136,8 +138,7 @@ class InferenceSession:
         A failure anywhere bans the worker and raises; the caller then relays the step hop by hop (the hops that
         already computed it roll back to this position and compute it again)."""
         hops = list(self._hops)
-        for hop in hops:
-            await self._ensure_open(hop)
+        openings = [self._open_soon(hop) for hop in hops]
         requests = []
         for k, hop in enumerate(hops):
             nxt = hops[k + 1] if k + 1 < len(hops) else None
@@ -147,7 +148,8 @@ class InferenceSession:
             # The reply and the push to the next worker share one codec; the client sees only its own links, so
             # the slower of its links to the two workers stands for the link between them.
             codec = await self.router.links.codec(self.config, hidden, hop.endpoint, *([nxt.endpoint] if nxt else []))
-            requests.append(self.pool.get(hop.endpoint).request(step, self.config.request_timeout, codec))
+            requests.append(self._opened_then(hop, openings[k], self.pool.get(hop.endpoint).request(
+                step, self.config.request_timeout, codec)))
         tasks = [asyncio.ensure_future(r) for r in requests]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -164,21 +166,39 @@ class InferenceSession:
         sent = {hop.start: (hidden if k == 0 else outputs[k - 1]) for k, hop in enumerate(hops)}
         return sent, outputs[-1]
 
-    async def _ensure_open(self, hop: Hop) -> None:
-        if hop not in self._opened:
-            hop_session = f"{self.session_id}:{hop.start}:{next(self._ids)}"
-            await self.pool.get(hop.endpoint).request(
-                OpenSession(hop_session, hop.start, hop.end, self.batch_size, self.max_length,
-                            self.config.active_adapter), self.config.request_timeout)
-            self._opened[hop] = hop_session
+    def _open_soon(self, hop: Hop) -> asyncio.Task | None:
+        """Send OpenSession to a hop not open yet, without waiting for its answer: the step sent right behind it on
+        the same connection finds the session, since a worker starts one connection's requests in the order they
+        arrive and opens a session without waiting (bus/server.py, WorkerService.handle). So a new session's first
+        step costs each hop one round trip, not two."""
+        if hop in self._opened:
+            return None
+        hop_session = self._opened[hop] = f"{self.session_id}:{hop.start}:{next(self._ids)}"
+        return asyncio.ensure_future(self.pool.get(hop.endpoint).request(
+            OpenSession(hop_session, hop.start, hop.end, self.batch_size, self.max_length, self.config.active_adapter),
+            self.config.request_timeout))
+
+    async def _opened_then(self, hop: Hop, opening: asyncio.Task | None, request: Coroutine) -> Any:
+        """The reply to `request`, sent to `hop` behind `opening`; the opening's error, if any, is the one raised
+        (the request then failed only for want of the session), and the hop counts as not open."""
+        reply = asyncio.ensure_future(request)
+        if opening is not None:
+            try:
+                await opening
+            except BaseException:
+                if not reply.cancel() and not reply.cancelled():
+                    reply.exception()  # it failed for want of the session: retrieved, so asyncio does not report it
+                self._opened.pop(hop, None)
+                raise
+        return await reply
 
     async def _send(self, hop: Hop, hidden: torch.Tensor, position: int, inputs: _StepInputs) -> torch.Tensor:
-        await self._ensure_open(hop)
-        connection = self.pool.get(hop.endpoint)
+        opening = self._open_soon(hop)
         prompts = None if inputs.prompts is None else inputs.prompts[hop.start:hop.end]
-        reply = await connection.request(
-            Step(self._opened[hop], hidden, position, inputs.attention_mask, inputs.position_ids, prompts),
-            self.config.request_timeout, await self.router.links.codec(self.config, hidden, hop.endpoint))
+        step = Step(self._opened[hop], hidden, position, inputs.attention_mask, inputs.position_ids, prompts)
+        codec = await self.router.links.codec(self.config, hidden, hop.endpoint)
+        reply = await self._opened_then(hop, opening, self.pool.get(hop.endpoint).request(
+            step, self.config.request_timeout, codec))
         return reply.hidden
 
     async def _replace(self, i: int) -> None:
@@ -222,8 +242,10 @@ class InferenceSession:
                 log.warning("closing session %s: %s", self.session_id, e)
 
     async def _close(self) -> None:
-        for hop, hop_session in self._opened.items():
+        async def close(hop: Hop, hop_session: str) -> None:
             try:
                 await self.pool.get(hop.endpoint).request(CloseSession(hop_session), 5.0)
             except CorollaError as e:
                 log.debug("close on %s: %s", hop.endpoint, e)
+
+        await asyncio.gather(*(close(hop, hop_session) for hop, hop_session in self._opened.items()))

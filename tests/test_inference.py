@@ -1,6 +1,7 @@
 """Workers serve spans; a client generates through the chain exactly as the local model does."""
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import threading
@@ -177,6 +178,41 @@ def test_session_errors_closed_expired_and_budget(tiny_llama_folder):
         with pytest.raises(RemoteError) as e:
             _request(endpoint, OpenSession("s3", 2, 6, 1, 8))
         assert e.value.code == ErrorCode.WRONG_BLOCKS
+
+
+def test_a_step_sent_right_behind_its_open_finds_the_session(tiny_llama_folder):
+    """The client opens a hop's session and sends its first step without waiting in between (one round trip for
+    both): a worker must start one connection's requests in order, and open without waiting."""
+    with LocalSwarm(worker_args(tiny_llama_folder, ["0:4"])) as swarm:
+        bus = BusLoop.get()
+
+        async def go():
+            conn = Connection(swarm.endpoints[0], bus.context)
+            try:
+                for i in range(50):
+                    opening = asyncio.ensure_future(conn.request(OpenSession(f"p{i}", 0, 4, 1, 8), 10.0))
+                    step = asyncio.ensure_future(conn.request(Step(f"p{i}", torch.randn(1, 2, 64), 0), 10.0))
+                    await opening
+                    assert (await step).hidden.shape == (1, 2, 64)
+                    await conn.request(CloseSession(f"p{i}"), 10.0)
+            finally:
+                await conn.close()
+
+        bus.run(go())
+
+
+def test_a_refused_session_fails_with_the_workers_reason(tiny_llama_folder):
+    """When a worker refuses to open a session, the error the user sees is its reason, not the first step's
+    missing session; and the model works on with a session the workers accept."""
+    with LocalSwarm(worker_args(tiny_llama_folder, ["0:2", "2:4"], "--max-length", "64")) as swarm:
+        model = remote(tiny_llama_folder, swarm)
+        with torch.no_grad():
+            with model.model.layers.inference_session(max_length=100) as session:
+                with pytest.raises(RemoteError) as e:
+                    session.step(torch.randn(1, 3, 64))
+            assert e.value.code == ErrorCode.BAD_REQUEST and "max length 100" in str(e.value)
+            with model.model.layers.inference_session(max_length=64) as session:
+                assert session.step(torch.randn(1, 3, 64)).shape == (1, 3, 64)
 
 
 def test_step_rolls_back_to_an_earlier_position(tiny_llama_folder):

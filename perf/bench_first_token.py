@@ -1,0 +1,135 @@
+"""Time to a new session's first token on emulated networks: a fresh client's, and a warm client's.
+
+    sudo .venv/bin/python perf/bench_first_token.py [--network loopback wan-100m-100ms] [--workers 2] [--json PATH]
+
+Every generate() call opens a session on each worker of its chain and closes it
+at the end, so on a slow link a short reply costs more round trips than its
+tokens do. The model (SmolLM2-135M) is served by --workers workers, each on its
+own host behind the profile's link (perf/netem.py), and a client on another
+host measures, after a 32-token prompt:
+
+* fresh: from `from_pretrained` (done) to the first generated token, in a new
+  process: swarm routing (discovery by gossip from the first worker, pings to
+  choose the chain) and a static chain (the workers listed in order);
+* warm: a whole one-token generate() on a client that has generated before
+  (open, prefill, close), the median of --repeats.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # several processes share this machine's cores
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from perf import netem  # noqa: E402
+from perf.bench_growth import start_worker  # noqa: E402
+from perf.bench_network import link_text, spans  # noqa: E402
+
+log = logging.getLogger("bench_first_token")
+PROMPT_TOKENS = 32
+
+
+def client_run(args) -> None:
+    """Inside the client's namespace: one fresh first token, then warm one-token generations; one JSON line."""
+    torch.set_num_threads(args.threads)
+    from corolla import AutoDistributedModelForCausalLM
+    prompt = torch.randint(0, 1000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
+    options = {"routing": "static"} if args.routing == "static" else {}
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.peers, **options)
+    with torch.inference_mode():
+        started = time.perf_counter()
+        model.generate(prompt, max_new_tokens=1, do_sample=False)
+        fresh = time.perf_counter() - started
+        warm = []
+        for _ in range(args.repeats):
+            started = time.perf_counter()
+            model.generate(prompt, max_new_tokens=1, do_sample=False)
+            warm.append(time.perf_counter() - started)
+    print(json.dumps({"fresh_s": fresh, "warm_s": statistics.median(warm)}), flush=True)
+
+
+def run_profile(name: str, folder: str, num_blocks: int, args) -> dict:
+    hosts = [f"w{i + 1}" for i in range(args.workers)]
+    with netem.Topology([*hosts, "client"], name) as topo:
+        link = netem.measure(topo, "client", "w1", max_seconds=1.0) if topo.netns("client") else None
+        log.info("%s: link measured: %s", name, link or "loopback (no shaping)")
+        workers, endpoints, out = [], [], {}
+        try:
+            for host, span in zip(hosts, spans(num_blocks, args.workers)):
+                worker, endpoint = start_worker(topo, host, folder, span, endpoints[0] if endpoints else None,
+                                                args.threads)
+                workers.append(worker)
+                endpoints.append(endpoint)
+            for routing, peers in (("swarm", endpoints[:1]), ("static", endpoints)):
+                argv = [sys.executable, __file__, "_client", "--model", folder, "--routing", routing, "--threads",
+                        str(args.threads), "--repeats", str(args.repeats), "--peers", *peers]
+                res = subprocess.run(topo.command("client", argv), stdout=subprocess.PIPE, text=True, timeout=600,
+                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
+                if res.returncode:
+                    raise RuntimeError(f"the client failed on {name} ({routing} routing)")
+                out[routing] = json.loads(res.stdout.strip().splitlines()[-1])
+                log.info("%s, %s routing: fresh %.2f s, warm %.2f s", name, routing, out[routing]["fresh_s"],
+                         out[routing]["warm_s"])
+        finally:
+            for worker in workers:
+                worker.stop()
+    return {"link": {"rtt_p50_ms": link.rtt_p50_ms, "rtt_p90_ms": link.rtt_p90_ms,
+                     "throughput_mbit": link.throughput_mbit} if link else None, **out}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", nargs="?", default="bench", choices=["bench", "_client"])
+    parser.add_argument("--network", nargs="+", default=["loopback", "wan-100m-100ms"], choices=list(netem.PROFILES))
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=5, help="warm one-token generations; the median counts")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the client and of each worker")
+    parser.add_argument("--model")
+    parser.add_argument("--routing", choices=["swarm", "static"])
+    parser.add_argument("--peers", nargs="+")
+    parser.add_argument("--json", default="perf/results/first_token.json")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.mode == "_client":
+        return client_run(args)
+    netem.require_profiles(args.network, "bench_first_token")
+    from transformers import AutoConfig
+
+    from corolla.models.convert import convert
+    folder = str(convert())
+    num_blocks = AutoConfig.from_pretrained(folder, local_files_only=True).num_hidden_layers
+    if not 0 < args.workers <= num_blocks:
+        sys.exit(f"bench_first_token: --workers must be 1..{num_blocks}")
+    results = {"model": f"{Path(folder).name} ({num_blocks} blocks)", "date": str(date.today()),
+               "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+                          f"{args.threads} threads per process", "workers": args.workers, "profiles": {}}
+    for name in args.network:
+        results["profiles"][name] = run_profile(name, folder, num_blocks, args)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print(f"\n{results['model']} over {args.workers} workers, {PROMPT_TOKENS}-token prompt, one new token; "
+          f"{results['machine']}; {results['date']}")
+    print(f"{'profile':16} {'fresh, swarm':>13} {'fresh, static':>14} {'warm, swarm':>12} {'warm, static':>13}")
+    for name, prof in results["profiles"].items():
+        print(f"{name:16} {prof['swarm']['fresh_s']:12.2f}s {prof['static']['fresh_s']:13.2f}s "
+              f"{prof['swarm']['warm_s']:11.2f}s {prof['static']['warm_s']:12.2f}s   ({link_text(prof['link'])})")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
