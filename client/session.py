@@ -180,15 +180,18 @@ class InferenceSession:
 
     async def _opened_then(self, hop: Hop, opening: asyncio.Task | None, request: Coroutine) -> Any:
         """The reply to `request`, sent to `hop` behind `opening`; the opening's error, if any, is the one raised
-        (the request then failed only for want of the session), and the hop counts as not open."""
+        (the request then failed only for want of the session), and the hop counts as not open. Cancelled while
+        the opening is in flight (another hop of a pushed step failed), the hop stays open: its `open` has left,
+        and closing the session must reach it."""
         reply = asyncio.ensure_future(request)
         if opening is not None:
             try:
                 await opening
-            except BaseException:
+            except BaseException as e:
                 if not reply.cancel() and not reply.cancelled():
                     reply.exception()  # it failed for want of the session: retrieved, so asyncio does not report it
-                self._opened.pop(hop, None)
+                if not isinstance(e, asyncio.CancelledError):
+                    self._opened.pop(hop, None)
                 raise
         return await reply
 
