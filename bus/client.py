@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import concurrent.futures
 import itertools
 import logging
 import threading
@@ -40,6 +41,7 @@ class BusLoop:
         self.thread = threading.Thread(target=self.loop.run_forever, name="corolla-bus", daemon=True)
         self.thread.start()
         self.context = zmq.asyncio.Context()
+        self._background: set[concurrent.futures.Future] = set()
         atexit.register(self._stop)
 
     @classmethod
@@ -53,7 +55,8 @@ class BusLoop:
         """At interpreter exit: cancel the loop's tasks (none is left pending to be destroyed), stop the loop, then
         close every socket and end libzmq's threads, so that nothing is still running in them while the
         interpreter tears down (which can abort the process). The loop is left open: finalizers that run later
-        may still schedule on it, harmlessly."""
+        may still schedule on it, harmlessly. Work handed over with `submit` (sessions closing) finishes first."""
+        concurrent.futures.wait(list(self._background), timeout=STOP_TIMEOUT_S)
         try:
             asyncio.run_coroutine_threadsafe(_cancel_tasks(), self.loop).result(STOP_TIMEOUT_S)
         except TimeoutError:
@@ -62,6 +65,16 @@ class BusLoop:
         self.thread.join(timeout=STOP_TIMEOUT_S)
         if not self.thread.is_alive():  # else the loop may still be using its sockets: leave them be
             self.context.destroy(linger=0)
+
+    def submit(self, coro: Coroutine) -> None:
+        """Run a coroutine on the loop without waiting for it (it must handle its own errors); exit waits for it.
+        After the loop has stopped (a finalizer at exit) it is dropped."""
+        if not self.loop.is_running():
+            coro.close()
+            return
+        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        self._background.add(future)
+        future.add_done_callback(self._background.discard)
 
     def run(self, coro: Coroutine, timeout: float | None = None) -> Any:
         """Run a coroutine on the loop and wait for it from a foreign thread."""

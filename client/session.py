@@ -235,20 +235,20 @@ class InferenceSession:
                            torch.cat(positions, dim=1) if any_positions else None, self._steps[0].prompts)
 
     def close(self) -> None:
+        """Free the session's caches on its workers. Returns at once, the closes travelling in the background (a
+        reply over slow links no longer waits a round trip for them); this client's next request to a worker
+        arrives after its close, on the same connection, and the bus waits for them at exit."""
         if self.closed:
             return
         self.closed = True
         if self._opened:
-            try:
-                self.bus.run(self._close(), timeout=self.config.request_timeout)
-            except Exception as e:  # the workers expire it anyway
-                log.warning("closing session %s: %s", self.session_id, e)
+            self.bus.submit(self._close(dict(self._opened)))
 
-    async def _close(self) -> None:
+    async def _close(self, opened: dict[Hop, str]) -> None:
         async def close(hop: Hop, hop_session: str) -> None:
             try:
                 await self.pool.get(hop.endpoint).request(CloseSession(hop_session), 5.0)
-            except CorollaError as e:
-                log.debug("close on %s: %s", hop.endpoint, e)
+            except Exception as e:  # the workers expire it anyway
+                log.debug("closing session %s on %s: %s", hop_session, hop.endpoint, e)
 
-        await asyncio.gather(*(close(hop, hop_session) for hop, hop_session in self._opened.items()))
+        await asyncio.gather(*(close(hop, hop_session) for hop, hop_session in opened.items()))

@@ -13,7 +13,7 @@ import torch
 from corolla import AutoDistributedModelForCausalLM
 from corolla.bus.client import BusLoop, Connection
 from corolla.bus.errors import ErrorCode, RemoteError
-from corolla.bus.messages import CloseSession, OpenSession, Step
+from corolla.bus.messages import CloseSession, InfoRequest, OpenSession, Step
 from corolla.worker.launcher import LocalSwarm
 from tests.conftest import worker_args
 
@@ -131,7 +131,6 @@ def test_two_sessions_at_once_do_not_disturb_each_other(smollm_folder, smollm_sw
 
 def test_server_to_server_push_is_token_identical(tiny_llama_folder):
     from transformers import AutoModelForCausalLM
-    from corolla.bus.messages import InfoRequest
     local = AutoModelForCausalLM.from_pretrained(tiny_llama_folder).eval()
     ids = torch.tensor([[7, 8, 9, 10, 11]])
     want = local.generate(ids, max_new_tokens=16, do_sample=False)
@@ -248,6 +247,24 @@ def test_session_on_later_blocks_of_a_span_matches_a_worker_of_just_those_blocks
                     name, tokens[:, a:b], a, None if step_mask is None else step_mask[:, a:b],
                     torch.arange(a, b)[None])).hidden for a, b in parts], dim=1))
             assert (outs[0] - outs[1]).abs().max() < 1e-5, name
+
+
+def test_a_script_that_exits_right_after_generating_frees_the_workers_caches(tiny_llama_folder, tmp_path):
+    """A session's close travels in the background (generate() does not wait a round trip for it), so the bus must
+    send it before the process exits: the workers' caches are whole again at once, not after their idle timeout."""
+    with LocalSwarm(worker_args(tiny_llama_folder, ["0:2", "2:4"])) as swarm:
+        script = tmp_path / "script.py"
+        script.write_text(
+            "import sys, torch\n"
+            "from corolla import AutoDistributedModelForCausalLM\n"
+            f"model = AutoDistributedModelForCausalLM.from_pretrained({tiny_llama_folder!r}, "
+            "initial_peers=sys.argv[1:])\n"
+            "model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=3, do_sample=False, pad_token_id=0)\n")
+        done = subprocess.run([sys.executable, str(script), *swarm.endpoints], capture_output=True, text=True,
+                              timeout=120)
+        assert done.returncode == 0, done.stderr
+        infos = [_request(endpoint, InfoRequest()) for endpoint in swarm.endpoints]
+        assert all(i.cache_tokens_free == i.cache_tokens_total for i in infos), infos
 
 
 def test_a_script_that_leaves_its_model_open_exits_quietly(tiny_llama_folder, tmp_path):
