@@ -219,6 +219,7 @@ class RttTracker:
         self.timeout = timeout
         self.rtt: dict[str, float] = {}
         self.unreachable: set[str] = set()
+        self._measuring: dict[str, asyncio.Task] = {}  # first measurements in flight
 
     def get(self, endpoint: str) -> float:
         return UNREACHABLE_RTT_S if endpoint in self.unreachable else self.rtt.get(endpoint, UNREACHABLE_RTT_S)
@@ -245,9 +246,17 @@ class RttTracker:
         self.rtt[endpoint] = best if old is None else (1 - RTT_SMOOTHING) * old + RTT_SMOOTHING * best
 
     async def ensure(self, endpoints: Iterable[str]) -> None:
-        """Measure workers never measured (the fastest of a few pings, concurrently)."""
+        """Measure workers never measured (the fastest of a few pings, concurrently), joining measurements already
+        in flight; a caller cancelled while it waits leaves them running for the others."""
         new = [e for e in dict.fromkeys(endpoints) if e not in self.rtt and e not in self.unreachable]
-        await asyncio.gather(*(self.ping(e, PING_SAMPLES) for e in new))
+        await asyncio.gather(*(asyncio.shield(self._first_measurement(e)) for e in new))
+
+    def _first_measurement(self, endpoint: str) -> asyncio.Task:
+        task = self._measuring.get(endpoint)
+        if task is None:
+            task = self._measuring[endpoint] = asyncio.ensure_future(self.ping(endpoint, PING_SAMPLES))
+            task.add_done_callback(lambda _: self._measuring.pop(endpoint, None))
+        return task
 
     async def refresh(self, endpoints: Callable[[], Iterable[str]]) -> None:
         while True:
@@ -376,9 +385,10 @@ class SwarmRouter:
         self.rng = rng or random.Random()
         self.rtt = RttTracker(pool)
         self.links = LinkMeter(pool)
-        self._refresher: asyncio.Task | None = None
+        self._refresher: asyncio.Task | None = None  # pings workers as they are found, and refreshes their RTTs
         self._closing: asyncio.Future | None = None  # close() once a finalizer asked for it
-        self._changed = asyncio.Event()
+        self._changed = asyncio.Event()  # for chain(), waiting for missing blocks
+        self._found = asyncio.Event()  # for the refresher
         self._loop: asyncio.AbstractEventLoop | None = None
         self._unsubscribe = view.subscribe(self._on_view_change)
 
@@ -399,14 +409,33 @@ class SwarmRouter:
             observer = SwarmObserver(view, config.initial_peers, mdns=not config.initial_peers,
                                      interfaces=config.interfaces or None, context=bus.context, security=security)
             await observer.start()
-            return cls(view, model_id, num_blocks, observer.pool, config.routing, config.allowed_servers,
-                       config.blocked_servers, config.discovery_timeout, observer, bus=bus)
+            router = cls(view, model_id, num_blocks, observer.pool, config.routing, config.allowed_servers,
+                         config.blocked_servers, config.discovery_timeout, observer, bus=bus)
+            router.measure()  # while the user writes a prompt, so that the first chain need not wait for pings
+            return router
 
         return bus.run(start())
 
     def _on_view_change(self, _view: SwarmView) -> None:
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._changed.set)
+            self._loop.call_soon_threadsafe(self._found.set)
+
+    def measure(self) -> None:
+        """Ping workers from now on, as discovery finds them, and refresh their RTTs; on the bus loop."""
+        if self._refresher is None:
+            self._loop = asyncio.get_running_loop()
+            self._refresher = asyncio.ensure_future(self._measure())
+
+    async def _measure(self) -> None:
+        refreshing = asyncio.ensure_future(self.rtt.refresh(lambda: [p.endpoint for p in self.candidates()]))
+        try:
+            while True:
+                self._found.clear()
+                await self.rtt.ensure(p.endpoint for p in self.candidates())
+                await self._found.wait()
+        finally:
+            refreshing.cancel()
 
     def candidates(self, exclude: frozenset[str] = frozenset()) -> list[PeerEntry]:
         """The model's workers the user allows and this chain does not exclude."""
@@ -438,10 +467,7 @@ class SwarmRouter:
 
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
         """The cheapest chain over [start, end); waits up to discovery_timeout for missing blocks to appear."""
-        self._loop = asyncio.get_running_loop()
-        if self._refresher is None:
-            self._refresher = asyncio.ensure_future(
-                self.rtt.refresh(lambda: [p.endpoint for p in self.candidates()]))
+        self.measure()
         deadline = time.monotonic() + self.discovery_timeout
         while True:
             self._changed.clear()

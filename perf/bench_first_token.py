@@ -10,7 +10,9 @@ host measures, after a 32-token prompt:
 
 * fresh: from `from_pretrained` (done) to the first generated token, in a new
   process: swarm routing (discovery by gossip from the first worker, pings to
-  choose the chain) and a static chain (the workers listed in order);
+  choose the chain), at once and after a pause of --pause seconds (a user
+  writing a prompt: discovery and pings go on meanwhile), and a static chain
+  (the workers listed in order);
 * warm: a whole one-token generate() on a client that has generated before
   (open, prefill, close), the median of --repeats.
 """
@@ -50,6 +52,7 @@ def client_run(args) -> None:
     prompt = torch.randint(0, 1000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     options = {"routing": "static"} if args.routing == "static" else {}
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.peers, **options)
+    time.sleep(args.pause)
     with torch.inference_mode():
         started = time.perf_counter()
         model.generate(prompt, max_new_tokens=1, do_sample=False)
@@ -74,16 +77,18 @@ def run_profile(name: str, folder: str, num_blocks: int, args) -> dict:
                                                 args.threads)
                 workers.append(worker)
                 endpoints.append(endpoint)
-            for routing, peers in (("swarm", endpoints[:1]), ("static", endpoints)):
+            for variant, routing, pause, peers in (("swarm", "swarm", 0, endpoints[:1]),
+                                                   ("swarm, paused", "swarm", args.pause, endpoints[:1]),
+                                                   ("static", "static", 0, endpoints)):
                 argv = [sys.executable, __file__, "_client", "--model", folder, "--routing", routing, "--threads",
-                        str(args.threads), "--repeats", str(args.repeats), "--peers", *peers]
+                        str(args.threads), "--repeats", str(args.repeats), "--pause", str(pause), "--peers", *peers]
                 res = subprocess.run(topo.command("client", argv), stdout=subprocess.PIPE, text=True, timeout=600,
                                      env={**os.environ, "PYTHONPATH": str(ROOT)})
                 if res.returncode:
-                    raise RuntimeError(f"the client failed on {name} ({routing} routing)")
-                out[routing] = json.loads(res.stdout.strip().splitlines()[-1])
-                log.info("%s, %s routing: fresh %.2f s, warm %.2f s", name, routing, out[routing]["fresh_s"],
-                         out[routing]["warm_s"])
+                    raise RuntimeError(f"the client failed on {name} ({variant})")
+                out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+                log.info("%s, %s: fresh %.2f s, warm %.2f s", name, variant, out[variant]["fresh_s"],
+                         out[variant]["warm_s"])
         finally:
             for worker in workers:
                 worker.stop()
@@ -98,6 +103,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="warm one-token generations; the median counts")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the client and of each worker")
+    parser.add_argument("--pause", type=float, default=2.0, help="seconds between loading and generating (paused)")
     parser.add_argument("--model")
     parser.add_argument("--routing", choices=["swarm", "static"])
     parser.add_argument("--peers", nargs="+")
@@ -124,10 +130,12 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2))
     print(f"\n{results['model']} over {args.workers} workers, {PROMPT_TOKENS}-token prompt, one new token; "
           f"{results['machine']}; {results['date']}")
-    print(f"{'profile':16} {'fresh, swarm':>13} {'fresh, static':>14} {'warm, swarm':>12} {'warm, static':>13}")
+    print(f"{'profile':16} {'fresh, swarm':>13} {f'after {args.pause:g} s':>12} {'fresh, static':>14} "
+          f"{'warm, swarm':>12} {'warm, static':>13}")
     for name, prof in results["profiles"].items():
-        print(f"{name:16} {prof['swarm']['fresh_s']:12.2f}s {prof['static']['fresh_s']:13.2f}s "
-              f"{prof['swarm']['warm_s']:11.2f}s {prof['static']['warm_s']:12.2f}s   ({link_text(prof['link'])})")
+        print(f"{name:16} {prof['swarm']['fresh_s']:12.2f}s {prof['swarm, paused']['fresh_s']:11.2f}s "
+              f"{prof['static']['fresh_s']:13.2f}s {prof['swarm']['warm_s']:11.2f}s {prof['static']['warm_s']:12.2f}s"
+              f"   ({link_text(prof['link'])})")
     print(f"wrote {out}")
 
 

@@ -122,6 +122,34 @@ def test_chain_waits_for_discovery_to_fill_a_gap():
 
 
 @pytest.mark.slow
+def test_a_client_pings_workers_as_it_finds_them(tiny_llama_folder):
+    """Round trips are measured as gossip names the workers, before any chain is asked for, so a user's first
+    generate() need not wait for pings; callers waiting at once for the same worker's first measurement all get it."""
+    port = free_port()
+    seed = ["--initial-peers", f"tcp://127.0.0.1:{port}"]
+    args = [["--model", tiny_llama_folder, "--blocks", "0:2", "--port", str(port), *WORKER_FLAGS],
+            ["--model", tiny_llama_folder, "--blocks", "2:4", *seed, *WORKER_FLAGS]]
+    with LocalSwarm(args) as swarm:
+        from corolla.client.model import AutoDistributedModelForCausalLM
+        model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama_folder, dtype=torch.float32,
+                                                                initial_peers=[swarm.endpoints[0]])
+        router = model.remote_layers.router
+        try:
+            assert wait_until(lambda: set(router.rtt.rtt) == set(swarm.endpoints), 10), router.rtt.rtt
+            assert all(0 < rtt < 0.5 for rtt in router.rtt.rtt.values())
+            rtts = dict(router.rtt.rtt)
+
+            async def two_waiting():
+                await asyncio.gather(router.rtt.ensure(["tcp://127.0.0.1:9"]), router.rtt.ensure(["tcp://127.0.0.1:9"]))
+                return router.rtt.rtt == rtts and "tcp://127.0.0.1:9" in router.rtt.unreachable
+
+            assert BusLoop.get().run(two_waiting())
+        finally:
+            BusLoop.get().run(router.close())
+            stop_all(swarm.workers)
+
+
+@pytest.mark.slow
 def test_routing_prefers_the_low_latency_chain(tiny_llama_folder):
     """Three workers, each announced behind its own relay on 127.0.0.2-4: one serving all 4 blocks, two
     serving halves. Slow down the relay of the whole-model worker, and the client takes the two halves;
