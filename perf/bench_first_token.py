@@ -24,7 +24,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from datetime import date
@@ -39,7 +38,7 @@ import torch  # noqa: E402
 
 from perf import netem  # noqa: E402
 from perf.bench_growth import start_worker  # noqa: E402
-from perf.bench_network import link_text, spans  # noqa: E402
+from perf.bench_network import client_figures, link_record, link_text, spans  # noqa: E402
 
 log = logging.getLogger("bench_first_token")
 PROMPT_TOKENS = 32
@@ -82,18 +81,13 @@ def run_profile(name: str, folder: str, num_blocks: int, args) -> dict:
                                                    ("static", "static", 0, endpoints)):
                 argv = [sys.executable, __file__, "_client", "--model", folder, "--routing", routing, "--threads",
                         str(args.threads), "--repeats", str(args.repeats), "--pause", str(pause), "--peers", *peers]
-                res = subprocess.run(topo.command("client", argv), stdout=subprocess.PIPE, text=True, timeout=600,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
-                if res.returncode:
-                    raise RuntimeError(f"the client failed on {name} ({variant})")
-                out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+                out[variant] = client_figures(topo, argv, 600, f"on {name} ({variant})")
                 log.info("%s, %s: fresh %.2f s, warm %.2f s", name, variant, out[variant]["fresh_s"],
                          out[variant]["warm_s"])
         finally:
             for worker in workers:
                 worker.stop()
-    return {"link": {"rtt_p50_ms": link.rtt_p50_ms, "rtt_p90_ms": link.rtt_p90_ms,
-                     "throughput_mbit": link.throughput_mbit} if link else None, **out}
+    return {"link": link_record(link), **out}
 
 
 def main() -> None:

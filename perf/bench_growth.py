@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import platform
-import subprocess
 import sys
 import time
 from datetime import date
@@ -39,7 +38,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from perf import netem  # noqa: E402
-from perf.bench_network import decode_steps_per_s, link_text, warm_up  # noqa: E402
+from perf.bench_network import (client_figures, decode_steps_per_s, link_record, link_text, start_relay,  # noqa: E402
+                                warm_up)
 
 log = logging.getLogger("bench_growth")
 
@@ -80,11 +80,7 @@ def start_worker(topo: netem.Topology, host: str, folder: str, span: str, peer: 
     flags = ["--model", folder, "--blocks", span, "--no-mdns", "--threads", str(threads),
              *(["--initial-peers", peer] if peer else [])]
     if topo.profile.delay_ms:
-        relay = topo.popen(host, [sys.executable, str(netem.RELAY_SCRIPT), "--listen", f"{topo.addr(host)}:{WORKER_PORT}",
-                                  "--target", f"127.0.0.1:{WORKER_PORT}", "--delay-ms", str(topo.profile.delay_ms),
-                                  "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
-        if not relay.stdout.readline().startswith("LISTENING "):
-            raise RuntimeError(f"the relay on {host} did not start")
+        relay, _ = start_relay(topo, host, WORKER_PORT, listen_port=WORKER_PORT)
         flags += ["--host", "127.0.0.1", "--port", str(WORKER_PORT), "--public-host", topo.addr(host)]
     else:
         flags += ["--host", topo.addr(host), "--port", "0"]
@@ -121,11 +117,7 @@ def run_profile(name: str, folder: str, num_blocks: int, args) -> dict:
                 argv = [sys.executable, __file__, "_client", "--model", folder, "--peer", seed, "--expect",
                         str(len(up)), "--threads", str(args.threads), "--context", str(args.context),
                         "--tokens", str(args.tokens), "--repeats", str(args.repeats)]
-                res = subprocess.run(topo.command("client", argv), stdout=subprocess.PIPE, text=True, timeout=1800,
-                                     env={**os.environ, "PYTHONPATH": str(ROOT)})
-                if res.returncode:
-                    raise RuntimeError(f"the client failed on {name} with workers {up}")
-                out = json.loads(res.stdout.strip().splitlines()[-1])
+                out = client_figures(topo, argv, 1800, f"on {name} with workers {up}")
                 chain = [f"{names.get(endpoint, endpoint)} {a}:{b}" for endpoint, a, b in out["chain"]]
                 stages.append({"workers": up, "chain": chain, "steps_s": out["steps_s"]})
                 log.info("%s: %d workers up, chain %s: %.2f steps/s", name, len(up), " -> ".join(chain),
@@ -133,8 +125,7 @@ def run_profile(name: str, folder: str, num_blocks: int, args) -> dict:
         finally:
             for worker in workers:
                 worker.stop()
-    return {"link": {"rtt_p50_ms": link.rtt_p50_ms, "rtt_p90_ms": link.rtt_p90_ms,
-                     "throughput_mbit": link.throughput_mbit} if link else None, "stages": stages}
+    return {"link": link_record(link), "stages": stages}
 
 
 def print_table(results: dict) -> None:

@@ -149,10 +149,10 @@ def floors(local_decode: dict, workers: int, rtt_s: float) -> dict:
             "push": {ctx: 1.0 / (1.0 / rate + (workers + 1) * rtt_s / 2) for ctx, rate in local_decode.items()}}
 
 
-def start_relay(topo: netem.Topology, host: str, port: int) -> tuple[subprocess.Popen, int]:
+def start_relay(topo: netem.Topology, host: str, port: int, listen_port: int = 0) -> tuple[subprocess.Popen, int]:
     """A delaying relay in the worker's own namespace on its public address, so the client and the other workers
-    (server-to-server pushes) all reach it through the delay; returns the relay and its port."""
-    relay = topo.popen(host, [sys.executable, str(netem.RELAY_SCRIPT), "--listen", f"{topo.addr(host)}:0",
+    (server-to-server pushes) all reach it through the delay; returns the relay and its port (listen_port 0: any)."""
+    relay = topo.popen(host, [sys.executable, str(netem.RELAY_SCRIPT), "--listen", f"{topo.addr(host)}:{listen_port}",
                               "--target", f"127.0.0.1:{port}", "--delay-ms", str(topo.profile.delay_ms),
                               "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
     line = relay.stdout.readline()
@@ -188,12 +188,7 @@ def run_chain(topo: netem.Topology, folder: str, chain: list[str], args) -> dict
         argv = [sys.executable, __file__, "_client", "--model", folder, "--threads", str(args.threads),
                 "--tokens", str(args.tokens), "--repeats", str(args.repeats),
                 "--contexts", *map(str, args.contexts), "--batches", *map(str, args.batches), "--peers", *peers]
-        # stderr (the client's progress) passes through; stdout ends with the figures
-        res = subprocess.run(topo.command("client", argv), stdout=subprocess.PIPE, text=True, timeout=3600,
-                             env={**os.environ, "PYTHONPATH": str(ROOT)})
-        if res.returncode:
-            raise RuntimeError(f"client failed on {topo.profile.name} with {len(chain)} worker(s)")
-        return json.loads(res.stdout.strip().splitlines()[-1])
+        return client_figures(topo, argv, 3600, f"on {topo.profile.name} with {len(chain)} worker(s)")
     finally:
         for w in workers:
             w.stop()
@@ -213,9 +208,23 @@ def run_profile(name: str, folder: str, num_blocks: int, local: dict, args) -> d
             chain = spans(num_blocks, n)
             chains[str(n)] = {"spans": chain, **run_chain(topo, folder, chain, args),
                               "floor": floors(local["decode_steps_s"], n, rtt_s)}
-    return {"link": {"rtt_p50_ms": link.rtt_p50_ms, "rtt_p90_ms": link.rtt_p90_ms,
-                     "throughput_mbit": link.throughput_mbit} if link else None,
-            "chains": chains}
+    return {"link": link_record(link), "chains": chains}
+
+
+def client_figures(topo: netem.Topology, argv: list[str], timeout: float, what: str) -> dict:
+    """Run a benchmark's client command on the "client" host; its stderr (progress) passes through, and the last
+    line of its stdout is its figures as JSON."""
+    res = subprocess.run(topo.command("client", argv), stdout=subprocess.PIPE, text=True, timeout=timeout,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if res.returncode:
+        raise RuntimeError(f"the client failed {what}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def link_record(link: netem.Measurement | None) -> dict | None:
+    """A measured link as the results' JSON holds it (None: loopback); `link_text` prints it."""
+    return {"rtt_p50_ms": link.rtt_p50_ms, "rtt_p90_ms": link.rtt_p90_ms,
+            "throughput_mbit": link.throughput_mbit} if link else None
 
 
 def link_text(link: dict | None) -> str:
