@@ -183,16 +183,17 @@ class InferenceSession:
         (the request then failed only for want of the session), and the hop counts as not open. Cancelled while
         the opening is in flight (another hop of a pushed step failed), the hop stays open: its `open` has left,
         and closing the session must reach it."""
-        reply = asyncio.ensure_future(request)
-        if opening is not None:
-            try:
-                await opening
-            except BaseException as e:
-                if not reply.cancel() and not reply.cancelled():
-                    reply.exception()  # it failed for want of the session: retrieved, so asyncio does not report it
-                if not isinstance(e, asyncio.CancelledError):
-                    self._opened.pop(hop, None)
-                raise
+        if opening is None:  # every step after a hop's first: no task of its own on the hot path
+            return await request
+        reply = asyncio.ensure_future(request)  # sent now, behind the opening
+        try:
+            await opening
+        except BaseException as e:
+            if not reply.cancel() and not reply.cancelled():
+                reply.exception()  # it failed for want of the session: retrieved, so asyncio does not report it
+            if not isinstance(e, asyncio.CancelledError):
+                self._opened.pop(hop, None)
+            raise
         return await reply
 
     async def _send(self, hop: Hop, hidden: torch.Tensor, position: int, inputs: _StepInputs) -> torch.Tensor:
