@@ -111,8 +111,7 @@ class Connection:
     async def request(self, msg: Any, timeout: float = DEFAULT_TIMEOUT, codec: wire.Codec = wire.RAW,
                       reply_codec: wire.Codec | None = None) -> Any:
         """Send `msg` and wait for its reply; an error reply raises RemoteError naming this worker."""
-        if not self._tasks:
-            self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
+        self.start()
         if self.connected is False:  # ZeroMQ keeps reconnecting; meanwhile callers route elsewhere at once
             raise RemoteError(self.endpoint, ErrorCode.UNREACHABLE, "connection lost")
         request_id = next(self._ids)
@@ -131,6 +130,12 @@ class Connection:
         if isinstance(reply, ErrorReply):
             raise RemoteError(self.endpoint, _code(reply.code), reply.message)
         return reply
+
+    def start(self) -> None:
+        """Read replies and watch the connection from now on (the first request starts it otherwise); on the loop.
+        ZeroMQ connects, handshakes included, from construction on, so `connected` turns True without a request."""
+        if not self._tasks:
+            self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._watch())]
 
     async def _read(self) -> None:
         while True:
@@ -189,6 +194,11 @@ class ConnectionPool:
         if connection is None:
             connection = self._connections[endpoint] = Connection(endpoint, self.context, self.security)
         return connection
+
+    @property
+    def connected(self) -> int:
+        """How many of the pool's connections are up (those started or used: the others are not watched)."""
+        return sum(1 for c in self._connections.values() if c.connected)
 
     async def drop(self, endpoint: str) -> None:
         connection = self._connections.pop(endpoint, None)

@@ -11,19 +11,20 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig
+from transformers import PretrainedConfig
 
 from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.security import Security
 from corolla.client.config import ClientConfig
 from corolla.client.remote_cache import RemotePastKeyValues
 from corolla.client.remote_sequential import RemoteSequential
-from corolla.client.routing import STATIC, StaticRouter, SwarmRouter
+from corolla.client.routing import STATIC, Router, StaticRouter, SwarmRouter
 from corolla.client.session import InferenceSession
-from corolla.models.registry import family_for
+from corolla.models.registry import family_of_type
 
 
 class DistributedModelMixin:
@@ -33,27 +34,29 @@ class DistributedModelMixin:
     _trainable_heads: tuple[str, ...] = ()  # modules that stay trainable when a tuning mode freezes the rest
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        client_config = ClientConfig.pop_from(kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, _connecting: "_Connecting | None" = None,
+                        **kwargs):
+        connecting = _connecting or _Connecting.start(pretrained_model_name_or_path, kwargs)
         if "torch_dtype" in kwargs:  # Petals' and older transformers' spelling
             kwargs.setdefault("dtype", kwargs.pop("torch_dtype"))
         kwargs.setdefault("local_files_only", True)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        model.attach_swarm(client_config, model_id=os.path.basename(os.path.normpath(str(pretrained_model_name_or_path))))
+        try:
+            model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except BaseException:
+            connecting.router.close_soon()
+            raise
+        model.attach_swarm(connecting.client_config, connecting.model_id, (connecting.router, connecting.pool))
         return model
 
-    def attach_swarm(self, client_config: ClientConfig, model_id: str) -> None:
-        """Bind the remote blocks to workers; done after loading so construction needs no network."""
-        bus = BusLoop.get()
-        pool = ConnectionPool(bus.context, Security.from_file(client_config.swarm_key))
-        if client_config.routing == STATIC:  # the user's chain, in the user's order
-            router = StaticRouter(client_config.initial_peers, pool, model_id, client_config.request_timeout)
-        else:
-            router = SwarmRouter.connect(client_config, model_id, self.remote_layers.num_blocks, bus)
+    def attach_swarm(self, client_config: ClientConfig, model_id: str,
+                     swarm: tuple[Router, ConnectionPool] | None = None) -> None:
+        """Bind the remote blocks to workers (to `swarm`, from connect_swarm, where given); done after loading, so
+        construction needs no network."""
+        router, pool = swarm or connect_swarm(client_config, model_id, self.remote_layers.num_blocks)
         weakref.finalize(self, router.close_soon)  # discovery stops with the model
         self.client_config = client_config
-        self.remote_layers.bind(client_config, router, pool, bus)
+        self.remote_layers.bind(client_config, router, pool, BusLoop.get())
         if client_config.tuning_mode:
             self.requires_grad_(False)
             for name in self._trainable_heads:
@@ -119,6 +122,46 @@ class DistributedModelMixin:
         return max(config.max_length, prompt + 1)
 
 
+def connect_swarm(client_config: ClientConfig, model_id: str, num_blocks: int) -> tuple[Router, ConnectionPool]:
+    """A router for the model's remote blocks and the pool of the steps' connections, with discovery, pings and
+    connecting already under way in the background."""
+    bus = BusLoop.get()
+    pool = ConnectionPool(bus.context, Security.from_file(client_config.swarm_key))
+    if client_config.routing == STATIC:  # the user's chain, in the user's order
+        router = StaticRouter(client_config.initial_peers, pool, model_id, client_config.request_timeout)
+        bus.loop.call_soon_threadsafe(router.measure)
+    else:
+        router = SwarmRouter.connect(client_config, model_id, num_blocks, bus, connections=pool)
+    return router, pool
+
+
+@dataclass(frozen=True)
+class _Connecting:
+    """A model's way to the swarm, under way before its local half loads: transformers' first import of a family's
+    modules takes a second or two, and loading a large vocabulary's embeddings and head seconds, time that
+    discovery, pings and connecting use instead of the first generate()."""
+
+    client_config: ClientConfig
+    model_id: str
+    router: Router
+    pool: ConnectionPool
+
+    @classmethod
+    def start(cls, path, kwargs: dict) -> "_Connecting":
+        """Take the ClientConfig keywords out of from_pretrained's `kwargs` and start."""
+        client_config = ClientConfig.pop_from(kwargs)
+        config = kwargs.get("config")
+        num_blocks = (config.num_hidden_layers if isinstance(config, PretrainedConfig)
+                      else _config_dict(config or path)["num_hidden_layers"])
+        model_id = os.path.basename(os.path.normpath(str(path)))
+        return cls(client_config, model_id, *connect_swarm(client_config, model_id, num_blocks))
+
+
+def _config_dict(path) -> dict:
+    """A model folder's config.json as a dict: AutoConfig would first import the family's modules."""
+    return PretrainedConfig.get_config_dict(str(path), local_files_only=True)[0]
+
+
 class _AutoDistributed:
     """Picks the family's Distributed* class from the folder's config, as transformers' Auto classes do."""
 
@@ -126,12 +169,17 @@ class _AutoDistributed:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, local_files_only=True)
-        family = family_for(config)
-        make = getattr(family, cls._task)
-        if make is None:
-            raise ValueError(f"family {family.name} has no {cls._task.replace('_', ' ')} client class")
-        return make().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        connecting = _Connecting.start(pretrained_model_name_or_path, kwargs)  # before the family's modules import
+        try:
+            family = family_of_type(_config_dict(pretrained_model_name_or_path).get("model_type"))
+            make = getattr(family, cls._task)
+            if make is None:
+                raise ValueError(f"family {family.name} has no {cls._task.replace('_', ' ')} client class")
+            model_class = make()
+        except BaseException:
+            connecting.router.close_soon()
+            raise
+        return model_class.from_pretrained(pretrained_model_name_or_path, *args, _connecting=connecting, **kwargs)
 
 
 class AutoDistributedModelForCausalLM(_AutoDistributed):

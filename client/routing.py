@@ -23,6 +23,7 @@ LINK_MAX_AGE_S old, and afresh after the worker failed, so ClientConfig.codec
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import logging
 import math
@@ -92,13 +93,20 @@ class Router(Protocol):
     def round_trip(self, endpoint: str) -> float | None:
         """Measured round-trip time to a worker in seconds, or None until one is measured."""
 
+    def measure(self) -> None:
+        """Start learning the workers (spans, RTTs) and connecting to them in the background; on the bus loop."""
+
+    def close_soon(self) -> None:
+        """Stop the background work, from any thread."""
+
 
 class StaticRouter:
     """The peers the user listed, in order; each takes over where the previous one ends.
 
-    Their RTTs (for `round_trip`, which decides server-to-server push) are pinged in the background from the
-    first chain on and refreshed like a SwarmRouter's; nothing waits for them, as a static chain does not route
-    by them."""
+    From `measure()` (or the first chain) on, their spans are asked and their RTTs (for `round_trip`, which
+    decides server-to-server push) pinged in the background, then refreshed like a SwarmRouter's; nothing waits for
+    the pings, as a static chain does not route by them. The pool is the steps' own, so their connections are up
+    before the first step."""
 
     def __init__(self, endpoints: list[str], pool: ConnectionPool, model_id: str | None = None, timeout: float = 10.0):
         if not endpoints:
@@ -109,15 +117,23 @@ class StaticRouter:
         self.timeout = timeout
         self.links = LinkMeter(pool)
         self.rtt = RttTracker(pool)
-        self._infos: list[WorkerInfo] | None = None
+        self._infos: asyncio.Task | None = None
         self._pinger: asyncio.Task | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def infos(self) -> list[WorkerInfo]:
-        if self._infos is None:
-            self._infos = list(await asyncio.gather(
+        """The workers' spans, asked once (a failed ask is asked again by the next caller)."""
+        if self._infos is None or (self._infos.done() and self._infos.exception() is not None):
+            self._infos = asyncio.ensure_future(asyncio.gather(
                 *(self.pool.get(e).request(InfoRequest(), self.timeout) for e in self.endpoints)))
-        return self._infos
+            self._infos.add_done_callback(_retrieved)  # whoever waited for it may be gone (exit, a cancelled step)
+        return list(await asyncio.shield(self._infos))
+
+    def measure(self) -> None:
+        """Ask the workers' spans and ping them from now on; on the bus loop."""
+        if self._pinger is None:
+            self._loop = asyncio.get_running_loop()
+            self._pinger = asyncio.ensure_future(self._ping())
 
     def close_soon(self) -> None:
         """Stop the RTT pings from any thread (a model's finalizer calls this)."""
@@ -128,17 +144,18 @@ class StaticRouter:
         return self.rtt.rtt.get(endpoint)
 
     async def _ping(self) -> None:
+        with contextlib.suppress(Exception):  # the first chain's own ask reports it
+            await self.infos()
         await self.rtt.ensure(self.endpoints)
         await self.rtt.refresh(lambda: self.endpoints)
 
     def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
-        infos = self._infos or []
+        done = self._infos is not None and self._infos.done() and self._infos.exception() is None
+        infos = self._infos.result() if done else []
         return not uncovered([i for e, i in zip(self.endpoints, infos) if e not in exclude], start, end)
 
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
-        if self._pinger is None:
-            self._loop = asyncio.get_running_loop()
-            self._pinger = asyncio.ensure_future(self._ping())
+        self.measure()
         hops, position = [], start
         for endpoint, info in zip(self.endpoints, await self.infos()):
             if position >= end:
@@ -149,6 +166,11 @@ class StaticRouter:
         if position < end:
             raise MissingBlocksError(self.model_id or "the model", [(position, end)])
         return hops
+
+
+def _retrieved(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 # ---- the shortest chain ----------------------------------------------------------------------
@@ -370,7 +392,8 @@ class SwarmRouter:
 
     def __init__(self, view: SwarmView, model_id: str, num_blocks: int, pool: ConnectionPool, mode: str = LATENCY,
                  allowed: Iterable[str] = (), blocked: Iterable[str] = (), discovery_timeout: float = 10.0,
-                 observer=None, rng: random.Random | None = None, bus: BusLoop | None = None):
+                 observer=None, rng: random.Random | None = None, bus: BusLoop | None = None,
+                 connections: ConnectionPool | None = None):
         if mode not in MODES:
             raise CorollaError(f"routing must be one of {', '.join(MODES)}, not {mode!r}")
         self.view = view
@@ -382,6 +405,7 @@ class SwarmRouter:
         self.discovery_timeout = discovery_timeout
         self.observer = observer
         self.bus = bus
+        self.connections = connections  # the steps' own (pings and gossip keep theirs, never queued behind steps)
         self.rng = rng or random.Random()
         self.rtt = RttTracker(pool)
         self.links = LinkMeter(pool)
@@ -393,9 +417,11 @@ class SwarmRouter:
         self._unsubscribe = view.subscribe(self._on_view_change)
 
     @classmethod
-    def connect(cls, config, model_id: str, num_blocks: int, bus: BusLoop) -> "SwarmRouter":
+    def connect(cls, config, model_id: str, num_blocks: int, bus: BusLoop,
+                connections: ConnectionPool | None = None) -> "SwarmRouter":
         """Find the swarm as `config` (a ClientConfig) says: gossip from initial_peers, else mDNS; a private
-        swarm's key (`swarm_key`) secures gossip and pings."""
+        swarm's key (`swarm_key`) secures gossip and pings. Workers are pinged, and `connections` (the steps')
+        opened to them, as they are found."""
         from corolla.discovery.interfaces import order_endpoints
         from corolla.discovery.observer import SwarmObserver
 
@@ -410,8 +436,9 @@ class SwarmRouter:
                                      interfaces=config.interfaces or None, context=bus.context, security=security)
             await observer.start()
             router = cls(view, model_id, num_blocks, observer.pool, config.routing, config.allowed_servers,
-                         config.blocked_servers, config.discovery_timeout, observer, bus=bus)
-            router.measure()  # while the user writes a prompt, so that the first chain need not wait for pings
+                         config.blocked_servers, config.discovery_timeout, observer, bus=bus,
+                         connections=connections)
+            router.measure()  # while weights load and the user writes a prompt: the first chain need not wait
             return router
 
         return bus.run(start())
@@ -422,7 +449,8 @@ class SwarmRouter:
             self._loop.call_soon_threadsafe(self._found.set)
 
     def measure(self) -> None:
-        """Ping workers from now on, as discovery finds them, and refresh their RTTs; on the bus loop."""
+        """Ping workers from now on, as discovery finds them, and refresh their RTTs; on the bus loop. The steps'
+        connections to them open too, so a first step does not wait for TCP's and ZeroMQ's handshakes."""
         if self._refresher is None:
             self._loop = asyncio.get_running_loop()
             self._refresher = asyncio.ensure_future(self._measure())
@@ -432,7 +460,10 @@ class SwarmRouter:
         try:
             while True:
                 self._found.clear()
-                await self.rtt.ensure(p.endpoint for p in self.candidates())
+                endpoints = [p.endpoint for p in self.candidates()]
+                for endpoint in endpoints if self.connections is not None else ():
+                    self.connections.get(endpoint).start()
+                await self.rtt.ensure(endpoints)
                 await self._found.wait()
         finally:
             refreshing.cancel()

@@ -39,11 +39,15 @@ def register(family: Family) -> Family:
 
 
 def family_for(config: PretrainedConfig) -> Family:
+    return family_of_type(config.model_type)
+
+
+def family_of_type(model_type: str) -> Family:
     _load_builtin()
-    family = _FAMILIES.get(config.model_type)
+    family = _FAMILIES.get(model_type)
     if family is None:
         raise UnsupportedModelError(
-            f"model type {config.model_type!r} has no Corolla family; known: {', '.join(sorted(_FAMILIES))}")
+            f"model type {model_type!r} has no Corolla family; known: {', '.join(sorted(_FAMILIES))}")
     return family
 
 

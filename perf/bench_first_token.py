@@ -50,7 +50,9 @@ def client_run(args) -> None:
     from corolla import AutoDistributedModelForCausalLM
     prompt = torch.randint(0, 1000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     options = {"routing": "static"} if args.routing == "static" else {}
+    started = time.perf_counter()
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.peers, **options)
+    load = time.perf_counter() - started
     time.sleep(args.pause)
     with torch.inference_mode():
         started = time.perf_counter()
@@ -61,7 +63,7 @@ def client_run(args) -> None:
             started = time.perf_counter()
             model.generate(prompt, max_new_tokens=1, do_sample=False)
             warm.append(time.perf_counter() - started)
-    print(json.dumps({"fresh_s": fresh, "warm_s": statistics.median(warm)}), flush=True)
+    print(json.dumps({"load_s": load, "fresh_s": fresh, "warm_s": statistics.median(warm)}), flush=True)
 
 
 def run_profile(name: str, folder: str, num_blocks: int, args) -> dict:
@@ -82,8 +84,8 @@ def run_profile(name: str, folder: str, num_blocks: int, args) -> dict:
                 argv = [sys.executable, __file__, "_client", "--model", folder, "--routing", routing, "--threads",
                         str(args.threads), "--repeats", str(args.repeats), "--pause", str(pause), "--peers", *peers]
                 out[variant] = client_figures(topo, argv, 600, f"on {name} ({variant})")
-                log.info("%s, %s: fresh %.2f s, warm %.2f s", name, variant, out[variant]["fresh_s"],
-                         out[variant]["warm_s"])
+                log.info("%s, %s: loaded in %.2f s, then first token %.2f s; warm %.2f s", name, variant,
+                         out[variant]["load_s"], out[variant]["fresh_s"], out[variant]["warm_s"])
         finally:
             for worker in workers:
                 worker.stop()
@@ -124,11 +126,13 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2))
     print(f"\n{results['model']} over {args.workers} workers, {PROMPT_TOKENS}-token prompt, one new token; "
           f"{results['machine']}; {results['date']}")
-    print(f"{'profile':16} {'fresh, swarm':>13} {f'after {args.pause:g} s':>12} {'fresh, static':>14} "
+    print("fresh: loading (from_pretrained) + the first token after it")
+    print(f"{'profile':16} {'fresh, swarm':>18} {f'after {args.pause:g} s':>12} {'fresh, static':>18} "
           f"{'warm, swarm':>12} {'warm, static':>13}")
     for name, prof in results["profiles"].items():
-        print(f"{name:16} {prof['swarm']['fresh_s']:12.2f}s {prof['swarm, paused']['fresh_s']:11.2f}s "
-              f"{prof['static']['fresh_s']:13.2f}s {prof['swarm']['warm_s']:11.2f}s {prof['static']['warm_s']:12.2f}s"
+        swarm, static = prof["swarm"], prof["static"]
+        print(f"{name:16} {swarm['load_s']:6.2f} + {swarm['fresh_s']:.2f} s {prof['swarm, paused']['fresh_s']:11.2f}s "
+              f"{static['load_s']:6.2f} + {static['fresh_s']:.2f} s {swarm['warm_s']:11.2f}s {static['warm_s']:12.2f}s"
               f"   ({link_text(prof['link'])})")
     print(f"wrote {out}")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from corolla.bus.client import BusLoop, ConnectionPool
-from corolla.bus.messages import InfoRequest
+from corolla.bus.messages import InfoRequest, WorkerInfo
 from corolla.discovery.entry import PeerEntry
 from corolla.discovery.gossip import BusTransport, GossipNode
 
@@ -55,19 +55,23 @@ def pull_table(endpoint: str, timeout: float = 2.0) -> list[PeerEntry]:
     return bus.run(pull())
 
 
-def spans(endpoints: list[str], timeout: float = 5.0) -> list[tuple[int, int]]:
-    """What each worker serves now, by asking it."""
+def infos(endpoints: list[str], timeout: float = 5.0) -> list[WorkerInfo]:
+    """Each worker's answer to InfoRequest now."""
     bus = BusLoop.get()
 
-    async def ask() -> list[tuple[int, int]]:
+    async def ask() -> list[WorkerInfo]:
         pool = ConnectionPool(bus.context)
         try:
-            infos = await asyncio.gather(*(pool.get(e).request(InfoRequest(), timeout) for e in endpoints))
-            return [(i.start, i.end) for i in infos]
+            return list(await asyncio.gather(*(pool.get(e).request(InfoRequest(), timeout) for e in endpoints)))
         finally:
             await pool.close()
 
     return bus.run(ask())
+
+
+def spans(endpoints: list[str], timeout: float = 5.0) -> list[tuple[int, int]]:
+    """What each worker serves now, by asking it."""
+    return [(i.start, i.end) for i in infos(endpoints, timeout)]
 
 
 def stop_all(workers) -> None:

@@ -17,7 +17,7 @@ from corolla.client.routing import LATENCY, THROUGHPUT, SwarmRouter, route
 from corolla.discovery.view import SwarmView
 from corolla.worker.launcher import LocalSwarm
 
-from tests.discovery_helpers import WORKER_FLAGS, entry, free_port, reference_tokens, stop_all, wait_until
+from tests.discovery_helpers import WORKER_FLAGS, entry, free_port, infos, reference_tokens, stop_all, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # perf/ is a plain directory
 from perf.relay import RelayThread  # noqa: E402
@@ -121,10 +121,18 @@ def test_chain_waits_for_discovery_to_fill_a_gap():
     assert hops_of(chain(router)) == [("head", 0, 15), ("tail", 15, 30)]
 
 
+def steps_connected(model, endpoints) -> bool:
+    """Whether the connections the model's steps will use are up (handshakes done) to all of `endpoints`."""
+    connections = model.remote_layers.pool._connections
+    return all(e in connections and connections[e].connected for e in endpoints)
+
+
 @pytest.mark.slow
-def test_a_client_pings_workers_as_it_finds_them(tiny_llama_folder):
+def test_a_client_pings_and_connects_to_workers_as_it_finds_them(tiny_llama_folder):
     """Round trips are measured as gossip names the workers, before any chain is asked for, so a user's first
-    generate() need not wait for pings; callers waiting at once for the same worker's first measurement all get it."""
+    generate() need not wait for pings; callers waiting at once for the same worker's first measurement all get it.
+    The steps' own connections open then too, so the first step does not wait for handshakes, and so does the
+    first worker's push connection to the worker serving the block after its span."""
     port = free_port()
     seed = ["--initial-peers", f"tcp://127.0.0.1:{port}"]
     args = [["--model", tiny_llama_folder, "--blocks", "0:2", "--port", str(port), *WORKER_FLAGS],
@@ -137,6 +145,9 @@ def test_a_client_pings_workers_as_it_finds_them(tiny_llama_folder):
         try:
             assert wait_until(lambda: set(router.rtt.rtt) == set(swarm.endpoints), 10), router.rtt.rtt
             assert all(0 < rtt < 0.5 for rtt in router.rtt.rtt.values())
+            assert wait_until(lambda: steps_connected(model, swarm.endpoints), 10)
+            pushing = lambda: [i.extra["push_peers_connected"] for i in infos(swarm.endpoints)]  # noqa: E731
+            assert wait_until(lambda: pushing() == [1, 0], 10), pushing()
             rtts = dict(router.rtt.rtt)
 
             async def two_waiting():
@@ -146,6 +157,25 @@ def test_a_client_pings_workers_as_it_finds_them(tiny_llama_folder):
             assert BusLoop.get().run(two_waiting())
         finally:
             BusLoop.get().run(router.close())
+            stop_all(swarm.workers)
+
+
+@pytest.mark.slow
+def test_a_static_chain_is_asked_and_connected_while_the_client_loads(tiny_llama_folder):
+    """A static chain's spans, round trips and connections are under way from from_pretrained on, not from the
+    first step."""
+    args = [["--model", tiny_llama_folder, "--blocks", span, *WORKER_FLAGS] for span in ("0:2", "2:4")]
+    with LocalSwarm(args) as swarm:
+        from corolla.client.model import AutoDistributedModelForCausalLM
+        model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama_folder, dtype=torch.float32,
+                                                                initial_peers=swarm.endpoints, routing="static")
+        router = model.remote_layers.router
+        try:
+            assert wait_until(lambda: set(router.rtt.rtt) == set(swarm.endpoints), 10), router.rtt.rtt
+            assert wait_until(lambda: steps_connected(model, swarm.endpoints), 10)
+            assert router.covers(0, 4, frozenset()) and not router.covers(0, 4, frozenset(swarm.endpoints[1:]))
+        finally:
+            router.close_soon()
             stop_all(swarm.workers)
 
 

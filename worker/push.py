@@ -84,6 +84,15 @@ class Pusher:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    def connect(self, endpoint: str) -> None:
+        """Open the connection to a likely next worker now, so a chain's first push does not wait for handshakes."""
+        self.pool.get(endpoint).start()
+
+    @property
+    def connected(self) -> int:
+        """How many workers this one holds a live push connection to."""
+        return self.pool.connected
+
     async def _send(self, endpoint: str, message: Push, codec: wire.Codec) -> None:
         try:
             await self.pool.get(endpoint).request(message, self.timeout, codec)

@@ -106,17 +106,24 @@ class WorkerService:
             return await extra(msg)
         raise RequestError(ErrorCode.UNKNOWN_KIND, f"a worker does not serve {type(msg).KIND!r} requests")
 
-    def _push(self, msg: Step, out: torch.Tensor, codec: wire.Codec) -> None:
+    @property
+    def pusher(self) -> Pusher:
+        """On the worker's event loop only."""
         if self._pusher is None:
             self._pusher = Pusher(ConnectionPool(zmq.asyncio.Context.instance(), self.security))
-        self._pusher.push(msg.push_to, msg.push_session, msg.position, out, codec)
+        return self._pusher
+
+    def _push(self, msg: Step, out: torch.Tensor, codec: wire.Codec) -> None:
+        self.pusher.push(msg.push_to, msg.push_session, msg.position, out, codec)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(peer_id=self.peer_id, model=self.model_id, start=self.start, end=self.end,
                           num_blocks=self.num_blocks, dtype=self.config.dtype, version=wire.PROTOCOL_VERSION,
                           cache_tokens_free=self.sessions.free_tokens, cache_tokens_total=self.sessions.budget_tokens,
                           adapters=self.adapters.names if self.adapters else [],
-                          extra={"pushes_received": self.mailbox.delivered, "batched_steps": self.batched_steps,
+                          extra={"pushes_received": self.mailbox.delivered,
+                                 "push_peers_connected": self._pusher.connected if self._pusher else 0,
+                                 "batched_steps": self.batched_steps,
                                  "decode_batches": self.decode_batches,
                                  "slots": self.pool.slots if self.pool else 0,
                                  "slot_length": self.pool.length if self.pool else 0})

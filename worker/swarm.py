@@ -67,6 +67,7 @@ class SwarmMembership:
                           cache_tokens_free=service.sessions.free_tokens)
         await self.presence.join(entry, server.endpoint, service)
         self._tasks.append(asyncio.ensure_future(self._report_cache()))
+        self._tasks.append(asyncio.ensure_future(self._connect_onward()))
         # Adapters are injected into the loaded blocks; a move would serve new blocks without them.
         if self.config.span() is None and not service.adapters and self.config.rebalance_interval > 0:
             self._tasks.append(asyncio.ensure_future(self._rebalance()))
@@ -81,6 +82,17 @@ class SwarmMembership:
         while True:
             await asyncio.sleep(self.config.gossip_interval)
             self.presence.update(cache_tokens_free=self.service.sessions.free_tokens)
+
+    async def _connect_onward(self) -> None:
+        """Keep push connections open to the workers that serve the block after this worker's span, as gossip
+        finds them: a new chain's first push then leaves at once, without TCP's and ZeroMQ's handshakes (two round
+        trips on a slow link)."""
+        while True:
+            end = self.service.end
+            for peer in self.view.peers(self.model_id):
+                if peer.start <= end < peer.end and peer.num_blocks == self.num_blocks:
+                    self.service.pusher.connect(peer.endpoint)
+            await asyncio.sleep(self.config.gossip_interval)
 
     # ---- rebalancing -----------------------------------------------------------------------
 
