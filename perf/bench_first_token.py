@@ -8,8 +8,8 @@ tokens do. The model (SmolLM2-135M) is served by --workers workers, each on its
 own host behind the profile's link (perf/netem.py), and a client on another
 host measures, after a 32-token prompt:
 
-* fresh: from `from_pretrained` (done) to the first generated token, in a new
-  process: swarm routing (discovery by gossip from the first worker, pings to
+* fresh: importing corolla and `from_pretrained` ("load"), then the first
+  generated token, in a new process: swarm routing (discovery by gossip from the first worker, pings to
   choose the chain), at once and after a pause of --pause seconds (a user
   writing a prompt: discovery and pings go on meanwhile), and a static chain
   (the workers listed in order);
@@ -47,10 +47,10 @@ PROMPT_TOKENS = 32
 def client_run(args) -> None:
     """Inside the client's namespace: one fresh first token, then warm one-token generations; one JSON line."""
     torch.set_num_threads(args.threads)
+    started = time.perf_counter()
     from corolla import AutoDistributedModelForCausalLM
     prompt = torch.randint(0, 1000, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(0))
     options = {"routing": "static"} if args.routing == "static" else {}
-    started = time.perf_counter()
     model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.peers, **options)
     load = time.perf_counter() - started
     time.sleep(args.pause)
@@ -126,7 +126,7 @@ def main() -> None:
     out.write_text(json.dumps(results, indent=2))
     print(f"\n{results['model']} over {args.workers} workers, {PROMPT_TOKENS}-token prompt, one new token; "
           f"{results['machine']}; {results['date']}")
-    print("fresh: loading (from_pretrained) + the first token after it")
+    print("fresh: load (import corolla, from_pretrained) + the first token after it")
     print(f"{'profile':16} {'fresh, swarm':>18} {f'after {args.pause:g} s':>12} {'fresh, static':>18} "
           f"{'warm, swarm':>12} {'warm, static':>13}")
     for name, prof in results["profiles"].items():
