@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import signal
 import socket
 import sys
 import time
@@ -77,8 +76,7 @@ def spans(endpoints: list[str], timeout: float = 5.0) -> list[tuple[int, int]]:
 def stop_all(workers) -> None:
     """SIGTERM every worker at once, then wait for each: a swarm stops in the time of its slowest worker."""
     for w in workers:
-        if w.process.poll() is None:
-            w.process.send_signal(signal.SIGTERM)
+        w.terminate()
     for w in workers:
         w.stop()
 

@@ -46,9 +46,14 @@ class WorkerProcess:
             raise LaunchError(f"worker exited with {self.process.wait()}:\n{''.join(self.output[-20:])}")
         return self
 
-    def stop(self, timeout: float = 15.0) -> int:
+    def terminate(self) -> None:
+        """Ask the worker to stop (SIGTERM: it leaves the swarm, then exits); `stop` waits for it."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        if self.process.poll() is None:
+            self.terminate()
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -120,6 +125,10 @@ class LocalSwarm:
         return [w.endpoint for w in self.workers]
 
     def stop(self) -> None:
+        """All at once: the swarm stops in its slowest worker's time, and no worker outlives the others by long
+        enough for their peers (or a client still connected) to report it gone."""
+        for worker in self.workers:
+            worker.terminate()
         for worker in self.workers:
             worker.stop()
 
