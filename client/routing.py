@@ -123,7 +123,7 @@ class StaticRouter:
 
     async def infos(self) -> list[WorkerInfo]:
         """The workers' spans, asked once (a failed ask is asked again by the next caller)."""
-        if self._infos is None or (self._infos.done() and self._infos.exception() is not None):
+        if self._infos is None or _failed(self._infos):
             self._infos = asyncio.ensure_future(asyncio.gather(
                 *(self.pool.get(e).request(InfoRequest(), self.timeout) for e in self.endpoints)))
             self._infos.add_done_callback(_retrieved)  # whoever waited for it may be gone (exit, a cancelled step)
@@ -150,8 +150,8 @@ class StaticRouter:
         await self.rtt.refresh(lambda: self.endpoints)
 
     def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
-        done = self._infos is not None and self._infos.done() and self._infos.exception() is None
-        infos = self._infos.result() if done else []
+        answered = self._infos is not None and self._infos.done() and not _failed(self._infos)
+        infos = self._infos.result() if answered else []
         return not uncovered([i for e, i in zip(self.endpoints, infos) if e not in exclude], start, end)
 
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
@@ -171,6 +171,10 @@ class StaticRouter:
 def _retrieved(future: asyncio.Future) -> None:
     if not future.cancelled():
         future.exception()
+
+
+def _failed(future: asyncio.Future) -> bool:
+    return future.done() and (future.cancelled() or future.exception() is not None)
 
 
 # ---- the shortest chain ----------------------------------------------------------------------

@@ -19,7 +19,10 @@ async def echo(envelope):
 
 
 class EchoServer:
-    def __init__(self, max_bytes: int = 64 << 20):
+    """A real ROUTER socket answering with `handler` (echo by default), bound to `endpoint`."""
+
+    def __init__(self, max_bytes: int = 64 << 20, handler=echo, endpoint: str = "tcp://127.0.0.1:0"):
+        self.handler, self.bind_to = handler, endpoint
         self.loop = asyncio.new_event_loop()
         self.ready = threading.Event()
         self.max_bytes = max_bytes
@@ -31,7 +34,7 @@ class EchoServer:
         asyncio.set_event_loop(self.loop)
         import zmq.asyncio
         self.context = zmq.asyncio.Context()
-        self.server = Server(echo, "tcp://127.0.0.1:0", max_bytes=self.max_bytes, context=self.context)
+        self.server = Server(self.handler, self.bind_to, max_bytes=self.max_bytes, context=self.context)
         self.endpoint = self.server.endpoint
         self.task = self.loop.create_task(self.server.serve())
         self.ready.set()

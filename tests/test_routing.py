@@ -12,11 +12,13 @@ import torch
 import zmq.asyncio
 
 from corolla.bus.client import BusLoop, ConnectionPool
-from corolla.bus.errors import MissingBlocksError
-from corolla.client.routing import LATENCY, THROUGHPUT, SwarmRouter, route
+from corolla.bus.errors import MissingBlocksError, RequestTimeout
+from corolla.bus.messages import WorkerInfo
+from corolla.client.routing import LATENCY, THROUGHPUT, StaticRouter, SwarmRouter, route
 from corolla.discovery.view import SwarmView
 from corolla.worker.launcher import LocalSwarm
 
+from tests.bus_helpers import EchoServer
 from tests.discovery_helpers import WORKER_FLAGS, entry, free_port, infos, reference_tokens, stop_all, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # perf/ is a plain directory
@@ -125,6 +127,28 @@ def steps_connected(model, endpoints) -> bool:
     """Whether the connections the model's steps will use are up (handshakes done) to all of `endpoints`."""
     connections = model.remote_layers.pool._connections
     return all(e in connections and connections[e].connected for e in endpoints)
+
+
+def test_a_static_router_asks_a_worker_again_after_a_failed_ask():
+    """Spans are asked once, from measure() on; an ask that failed (the worker not up yet) is not kept."""
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    bus = BusLoop.get()
+    router = StaticRouter([endpoint], ConnectionPool(bus.context), "m", timeout=0.3)
+    bus.loop.call_soon_threadsafe(router.measure)
+    with pytest.raises(RequestTimeout):
+        bus.run(router.chain(0, 4))
+    assert not router.covers(0, 4, frozenset())
+
+    async def info(envelope):
+        return WorkerInfo("w", "m", 0, 4, 4, "float32", 1, 0, 0)
+
+    server = EchoServer(handler=info, endpoint=endpoint)
+    try:
+        assert hops_of(bus.run(router.chain(0, 4))) == [("127", 0, 4)]
+        assert router.covers(0, 4, frozenset())
+    finally:
+        router.close_soon()
+        server.close()
 
 
 @pytest.mark.slow
