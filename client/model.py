@@ -24,7 +24,7 @@ from corolla.client.remote_cache import RemotePastKeyValues
 from corolla.client.remote_sequential import RemoteSequential
 from corolla.client.routing import STATIC, Router, StaticRouter, SwarmRouter
 from corolla.client.session import InferenceSession
-from corolla.models.registry import family_of_type
+from corolla.models.registry import UnsupportedModelError, family_of_type
 
 
 class DistributedModelMixin:
@@ -151,8 +151,14 @@ class _Connecting:
         """Take the ClientConfig keywords out of from_pretrained's `kwargs` and start."""
         client_config = ClientConfig.pop_from(kwargs)
         config = kwargs.get("config")
-        num_blocks = (config.num_hidden_layers if isinstance(config, PretrainedConfig)
-                      else _config_dict(config or path)["num_hidden_layers"])
+        if isinstance(config, PretrainedConfig):
+            num_blocks = config.num_hidden_layers
+        else:
+            fields = _config_dict(config or path)
+            num_blocks = fields.get("num_hidden_layers")
+            if num_blocks is None:
+                family_of_type(fields.get("model_type"))  # an unsupported model says so
+                raise UnsupportedModelError(f"the config of {path} does not say num_hidden_layers")
         model_id = os.path.basename(os.path.normpath(str(path)))
         return cls(client_config, model_id, *connect_swarm(client_config, model_id, num_blocks))
 

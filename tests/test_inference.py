@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ from corolla import AutoDistributedModelForCausalLM
 from corolla.bus.client import BusLoop, Connection
 from corolla.bus.errors import ErrorCode, RemoteError
 from corolla.bus.messages import CloseSession, InfoRequest, OpenSession, Step
+from corolla.models.registry import UnsupportedModelError
 from corolla.worker.launcher import LocalSwarm
 from tests.conftest import worker_args
 
@@ -283,3 +285,11 @@ def test_a_script_that_leaves_its_model_open_exits_quietly(tiny_llama_folder, tm
     assert done.returncode == 0, done.stderr
     assert "torch.Size([1, 6])" in done.stdout
     assert "RuntimeWarning" not in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("fields, says", [({"model_type": "gpt2", "n_layer": 2}, "has no Corolla family"),
+                                          ({"model_type": "llama"}, "does not say num_hidden_layers")])
+def test_a_model_corolla_cannot_serve_is_refused_before_anything_starts(tmp_path, fields, says):
+    (tmp_path / "config.json").write_text(json.dumps(fields))
+    with pytest.raises(UnsupportedModelError, match=says):
+        AutoDistributedModelForCausalLM.from_pretrained(tmp_path, initial_peers=["tcp://127.0.0.1:9"])

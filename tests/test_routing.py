@@ -253,3 +253,4 @@ def test_routing_prefers_the_low_latency_chain(tiny_llama_folder):
             stop_all(swarm.workers)  # before the relays, so their goodbyes get through
             for relay in relays.values():
                 relay.stop()
+
