@@ -118,9 +118,13 @@ class Connection:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self._pending[request_id] = future
-        timer = loop.call_later(timeout, _expire, future)  # cheaper than wait_for's extra task per request
+        # The send is done at once unless the socket has no pipe to the worker (a handshake failed: a wrong swarm
+        # key), when it would wait for one without end; the timeout bounds both. A timer is cheaper than wait_for's
+        # extra task per request.
+        sending = self.socket.send_multipart(wire.encode(msg, request_id, codec, reply_codec or codec), copy=False)
+        timer = loop.call_later(timeout, _expire, future, sending)
         try:
-            await self.socket.send_multipart(wire.encode(msg, request_id, codec, reply_codec or codec), copy=False)
+            await sending
             reply = await future
         except asyncio.TimeoutError:
             raise RequestTimeout(self.endpoint, timeout) from None
@@ -169,9 +173,11 @@ class Connection:
         self.socket.close(linger=0)
 
 
-def _expire(future: asyncio.Future) -> None:
-    if not future.done():
-        future.set_exception(asyncio.TimeoutError())
+def _expire(reply: asyncio.Future, sending: asyncio.Future) -> None:
+    """Fail whichever of the request's two waits is still on (a send given up is dropped from pyzmq's queue)."""
+    waiting = reply if sending.done() else sending
+    if not waiting.done():
+        waiting.set_exception(asyncio.TimeoutError())
 
 
 def _code(code: str) -> ErrorCode | str:

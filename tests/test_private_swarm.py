@@ -1,11 +1,13 @@
 """A private swarm (CurveZMQ with a shared swarm key): keyed peers work, strangers are refused."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import torch
 
 from corolla import AutoDistributedModelForCausalLM
-from corolla.bus.client import BusLoop, ConnectionPool
+from corolla.bus.client import BusLoop, Connection, ConnectionPool
 from corolla.bus.errors import ErrorCode, RemoteError
 from corolla.bus.messages import InfoRequest
 from corolla.bus.security import Security, generate_secret
@@ -73,3 +75,28 @@ def test_worker_without_the_key_cannot_join_by_gossip(tiny_llama_folder, key):
         with pytest.raises(RemoteError):
             bus.run(gossip())
         assert isinstance(_ask(swarm.endpoints[0], Security.from_file(key)).start, int)
+
+
+def test_requests_without_the_key_end_at_their_timeout(tiny_llama_folder, key):
+    """A client without the swarm key, its handshake refused, has no pipe to the worker for spells (ZeroMQ keeps
+    trying again), so a send cannot leave then: every request still ends by its timeout, never hangs."""
+    with LocalSwarm(worker_args(tiny_llama_folder, ["0:2"], "--swarm-key", key, "--no-mdns")) as swarm:
+        bus = BusLoop.get()
+
+        async def go() -> list[str]:
+            conn = Connection(swarm.endpoints[0], bus.context)
+            outcomes = []
+            try:
+                for _ in range(20):
+                    try:
+                        await conn.request(InfoRequest(), timeout=0.2)
+                        outcomes.append("answered")
+                    except RemoteError as e:
+                        outcomes.append(str(e.code))
+                    await asyncio.sleep(0.05)
+                return outcomes
+            finally:
+                await conn.close()
+
+        outcomes = bus.run(go(), timeout=30)
+        assert set(outcomes) <= {str(ErrorCode.TIMEOUT), str(ErrorCode.UNREACHABLE)}, outcomes
