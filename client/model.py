@@ -147,14 +147,15 @@ class _Connecting:
     pool: ConnectionPool
 
     @classmethod
-    def start(cls, path, kwargs: dict) -> "_Connecting":
-        """Take the ClientConfig keywords out of from_pretrained's `kwargs` and start."""
+    def start(cls, path, kwargs: dict, fields: dict | None = None) -> "_Connecting":
+        """Take the ClientConfig keywords out of from_pretrained's `kwargs` and start; `fields`: the folder's
+        config.json, where the caller has read it already."""
         client_config = ClientConfig.pop_from(kwargs)
         config = kwargs.get("config")
         if isinstance(config, PretrainedConfig):
             num_blocks = config.num_hidden_layers
         else:
-            fields = _config_dict(config or path)
+            fields = _config_dict(config) if config else fields or _config_dict(path)
             num_blocks = fields.get("num_hidden_layers")
             if num_blocks is None:
                 family_of_type(fields.get("model_type"))  # an unsupported model says so
@@ -175,9 +176,10 @@ class _AutoDistributed:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        connecting = _Connecting.start(pretrained_model_name_or_path, kwargs)  # before the family's modules import
+        fields = _config_dict(pretrained_model_name_or_path)
+        connecting = _Connecting.start(pretrained_model_name_or_path, kwargs, fields)  # before the family's modules
         try:
-            family = family_of_type(_config_dict(pretrained_model_name_or_path).get("model_type"))
+            family = family_of_type(fields.get("model_type"))
             make = getattr(family, cls._task)
             if make is None:
                 raise ValueError(f"family {family.name} has no {cls._task.replace('_', ' ')} client class")

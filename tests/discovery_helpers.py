@@ -73,14 +73,6 @@ def spans(endpoints: list[str], timeout: float = 5.0) -> list[tuple[int, int]]:
     return [(i.start, i.end) for i in infos(endpoints, timeout)]
 
 
-def stop_all(workers) -> None:
-    """SIGTERM every worker at once, then wait for each: a swarm stops in the time of its slowest worker."""
-    for w in workers:
-        w.terminate()
-    for w in workers:
-        w.stop()
-
-
 def free_port() -> int:
     """A loopback port free right now (for a worker that others must know before it starts)."""
     with socket.socket() as s:

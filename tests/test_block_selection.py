@@ -9,12 +9,12 @@ import torch
 
 from corolla.client.model import AutoDistributedModelForCausalLM
 from corolla.worker.block_selection import MOVE_GAIN, block_throughputs, choose_start, plan_move
-from corolla.worker.launcher import LocalSwarm
+from corolla.worker.launcher import LocalSwarm, stop_all
 from corolla.worker.loader import load_span
 from corolla.worker.respan import respan
 
 from tests.discovery_helpers import (WORKER_FLAGS, entry, free_port, pull_table, reference_tokens, save_tiny_llama,
-                                     spans, stop_all, wait_until)
+                                     spans, wait_until)
 
 
 @pytest.fixture(scope="module")

@@ -25,9 +25,9 @@ from corolla.discovery.observer import DIRECT, SwarmObserver
 from corolla.discovery.view import SwarmView
 from corolla.monitor import render, run_monitor
 from corolla.worker.config import ConfigError, WorkerConfig
-from corolla.worker.launcher import spawn_worker
+from corolla.worker.launcher import spawn_worker, stop_all
 
-from tests.discovery_helpers import ROOT, client_command, entry, mdns_watch_command, stop_all
+from tests.discovery_helpers import ROOT, client_command, entry, mdns_watch_command
 
 sys.path.insert(0, str(ROOT))  # perf/ is a plain directory
 from perf import netem  # noqa: E402

@@ -16,10 +16,10 @@ from corolla.bus.errors import MissingBlocksError, RequestTimeout
 from corolla.bus.messages import WorkerInfo
 from corolla.client.routing import LATENCY, THROUGHPUT, StaticRouter, SwarmRouter, route
 from corolla.discovery.view import SwarmView
-from corolla.worker.launcher import LocalSwarm
+from corolla.worker.launcher import LocalSwarm, stop_all
 
 from tests.bus_helpers import EchoServer
-from tests.discovery_helpers import WORKER_FLAGS, entry, free_port, infos, reference_tokens, stop_all, wait_until
+from tests.discovery_helpers import WORKER_FLAGS, entry, free_port, infos, reference_tokens, wait_until
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # perf/ is a plain directory
 from perf.relay import RelayThread  # noqa: E402

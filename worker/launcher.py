@@ -107,6 +107,15 @@ def _threads(args: list[str]) -> int | None:
     return None
 
 
+def stop_all(workers: list[WorkerProcess]) -> None:
+    """SIGTERM every worker at once, then wait for each: the swarm stops in its slowest worker's time, and no worker
+    outlives the others by long enough for their peers (or a client still connected) to report it gone."""
+    for worker in workers:
+        worker.terminate()
+    for worker in workers:
+        worker.stop()
+
+
 class LocalSwarm:
     """Several workers on loopback, stopped together."""
 
@@ -125,12 +134,7 @@ class LocalSwarm:
         return [w.endpoint for w in self.workers]
 
     def stop(self) -> None:
-        """All at once: the swarm stops in its slowest worker's time, and no worker outlives the others by long
-        enough for their peers (or a client still connected) to report it gone."""
-        for worker in self.workers:
-            worker.terminate()
-        for worker in self.workers:
-            worker.stop()
+        stop_all(self.workers)
 
     def __enter__(self) -> "LocalSwarm":
         return self
