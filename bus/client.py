@@ -13,7 +13,7 @@ import concurrent.futures
 import itertools
 import logging
 import threading
-from typing import Any, Coroutine
+from typing import Any, Collection, Coroutine
 
 import zmq
 import zmq.asyncio
@@ -94,7 +94,7 @@ class Connection:
     """One DEALER socket to one worker; replies are matched to requests by id."""
 
     def __init__(self, endpoint: str, context: zmq.asyncio.Context, security: Security | None = None,
-                 max_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES):
+                 max_bytes: int = wire.DEFAULT_MAX_MESSAGE_BYTES, lost: bool = False):
         self.endpoint = endpoint
         self.max_bytes = max_bytes
         self.socket = context.socket(zmq.DEALER)
@@ -102,7 +102,8 @@ class Connection:
         (security or Security.public()).apply_client(self.socket)
         # Lost connections (a killed worker) fail the requests in flight at once instead of at their timeout.
         self._monitor = self.socket.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-        self.connected: bool | None = None  # None until the first connection; False while it is lost
+        # None until the first connection; False while it is lost (from the start where the pool knows it was)
+        self.connected: bool | None = False if lost else None
         self.socket.connect(endpoint)
         self._ids = itertools.count(1)
         self._pending: dict[int, asyncio.Future] = {}
@@ -134,6 +135,11 @@ class Connection:
         if isinstance(reply, ErrorReply):
             raise RemoteError(self.endpoint, _code(reply.code), reply.message)
         return reply
+
+    @property
+    def idle(self) -> bool:
+        """No request awaits a reply."""
+        return not self._pending
 
     def start(self) -> None:
         """Read replies and watch the connection from now on (the first request starts it otherwise); on the loop.
@@ -194,12 +200,31 @@ class ConnectionPool:
         self.context = context
         self.security = security
         self._connections: dict[str, Connection] = {}
+        self._lost: set[str] = set()  # endpoints whose lost connection prune() closed
 
     def get(self, endpoint: str) -> Connection:
         connection = self._connections.get(endpoint)
         if connection is None:
-            connection = self._connections[endpoint] = Connection(endpoint, self.context, self.security)
+            lost = endpoint in self._lost
+            self._lost.discard(endpoint)
+            connection = self._connections[endpoint] = Connection(endpoint, self.context, self.security, lost=lost)
         return connection
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def __contains__(self, endpoint: str) -> bool:
+        return endpoint in self._connections
+
+    async def prune(self, keep: Collection[str]) -> None:
+        """Close the connections outside `keep` that are not up and carry no request: workers that left the swarm.
+        ZeroMQ would retry each every 100 ms for as long as this process lives, each holding its sockets. Asked
+        for again, such an endpoint's connection reports itself lost until ZeroMQ reaches the worker, so a caller
+        still naming it routes elsewhere at once rather than waiting out a timeout."""
+        for endpoint, connection in list(self._connections.items()):
+            if endpoint not in keep and connection.connected is not True and connection.idle:
+                self._lost.add(endpoint)
+                await self.drop(endpoint)
 
     @property
     def connected(self) -> int:

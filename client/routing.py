@@ -465,8 +465,10 @@ class SwarmRouter:
             while True:
                 self._found.clear()
                 endpoints = [p.endpoint for p in self.candidates()]
-                for endpoint in endpoints if self.connections is not None else ():
-                    self.connections.get(endpoint).start()
+                if self.connections is not None:
+                    for endpoint in endpoints:
+                        self.connections.get(endpoint).start()
+                    await self.connections.prune(endpoints)
                 await self.rtt.ensure(endpoints)
                 await self._found.wait()
         finally:

@@ -14,7 +14,7 @@ from corolla.bus import wire
 from corolla.bus.client import BusLoop, Connection
 from corolla.bus.errors import ErrorCode, RemoteError, RequestTimeout
 from corolla.bus.messages import REGISTRY, ErrorReply, Forward, HiddenReply, Ping, Pong
-from tests.bus_helpers import EchoServer
+from tests.bus_helpers import EchoServer, on_bus
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
           torch.int8, torch.uint8, torch.bool]
@@ -177,6 +177,48 @@ def test_timeout_is_explicit():
         assert e.value.code == ErrorCode.TIMEOUT
     finally:
         silent.close(0)
+
+
+def test_a_pool_closes_lost_connections_to_workers_gone_and_remembers_them_lost():
+    """A worker that left: its lost, idle connection is closed unless kept; asked for again, the endpoint fails at
+    once (not at the request's timeout) until a worker answers there again. Live connections stay."""
+    import asyncio
+    import time
+
+    gone, alive = EchoServer(), EchoServer()
+    endpoint = gone.endpoint
+
+    async def wait_for(predicate):
+        for _ in range(200):
+            if predicate():
+                return True
+            await asyncio.sleep(0.05)
+        return False
+
+    async def go(pool):
+        for e in (endpoint, alive.endpoint):
+            assert isinstance(await pool.get(e).request(Ping(), 5), Pong)
+        gone.close()
+        assert await wait_for(lambda: pool.get(endpoint).connected is False)
+        await pool.prune(keep=[endpoint])
+        assert endpoint in pool  # kept: the view still names it
+        await pool.prune(keep=[])
+        assert endpoint not in pool and alive.endpoint in pool
+        started = time.monotonic()
+        with pytest.raises(RemoteError) as e:
+            await pool.get(endpoint).request(Ping(), 10)
+        assert e.value.code == ErrorCode.UNREACHABLE and time.monotonic() - started < 1
+        back = EchoServer(endpoint=endpoint)
+        try:
+            assert await wait_for(lambda: pool.get(endpoint).connected)
+            return await pool.get(endpoint).request(Ping(), 5)
+        finally:
+            back.close()
+
+    try:
+        assert isinstance(on_bus(go), Pong)
+    finally:
+        alive.close()
 
 
 def test_concurrent_requests_from_several_clients_are_never_mixed(server):

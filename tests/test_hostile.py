@@ -2,7 +2,6 @@
 nothing crashes, and the worker still generates correctly afterwards."""
 from __future__ import annotations
 
-import msgpack
 import pytest
 import torch
 import zmq

@@ -156,7 +156,8 @@ def test_a_client_pings_and_connects_to_workers_as_it_finds_them(tiny_llama_fold
     """Round trips are measured as gossip names the workers, before any chain is asked for, so a user's first
     generate() need not wait for pings; callers waiting at once for the same worker's first measurement all get it.
     The steps' own connections open then too, so the first step does not wait for handshakes, and so does the
-    first worker's push connection to the worker serving the block after its span."""
+    first worker's push connection to the worker serving the block after its span. A worker gone from the swarm
+    leaves no connection behind."""
     port = free_port()
     seed = ["--initial-peers", f"tcp://127.0.0.1:{port}"]
     args = [["--model", tiny_llama_folder, "--blocks", "0:2", "--port", str(port), *WORKER_FLAGS],
@@ -179,6 +180,11 @@ def test_a_client_pings_and_connects_to_workers_as_it_finds_them(tiny_llama_fold
                 return router.rtt.rtt == rtts and "tcp://127.0.0.1:9" in router.rtt.unreachable
 
             assert BusLoop.get().run(two_waiting())
+            swarm.workers[1].process.kill()  # gone without a word: the steps' connection to it closes once the
+            pool = model.remote_layers.pool  # view drops the worker, and the live one stays
+            assert wait_until(lambda: swarm.endpoints[1] not in pool, 30)
+            assert swarm.endpoints[0] in pool and pool.connected == 1
+            assert wait_until(lambda: infos(swarm.endpoints[:1])[0].extra["push_peers_held"] == 0, 10)
         finally:
             BusLoop.get().run(router.close())
             stop_all(swarm.workers)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Collection
 
 import torch
 
@@ -87,6 +88,10 @@ class Pusher:
     def connect(self, endpoint: str) -> None:
         """Open the connection to a likely next worker now, so a chain's first push does not wait for handshakes."""
         self.pool.get(endpoint).start()
+
+    async def prune(self, present: Collection[str]) -> None:
+        """Close lost connections to workers no longer `present` (see ConnectionPool.prune)."""
+        await self.pool.prune(present)
 
     @property
     def connected(self) -> int:

@@ -123,6 +123,7 @@ class WorkerService:
                           adapters=self.adapters.names if self.adapters else [],
                           extra={"pushes_received": self.mailbox.delivered,
                                  "push_peers_connected": self._pusher.connected if self._pusher else 0,
+                                 "push_peers_held": len(self._pusher.pool) if self._pusher else 0,
                                  "batched_steps": self.batched_steps,
                                  "decode_batches": self.decode_batches,
                                  "slots": self.pool.slots if self.pool else 0,

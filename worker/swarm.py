@@ -86,12 +86,13 @@ class SwarmMembership:
     async def _connect_onward(self) -> None:
         """Keep push connections open to the workers that serve the block after this worker's span, as gossip
         finds them: a new chain's first push then leaves at once, without TCP's and ZeroMQ's handshakes (two round
-        trips on a slow link)."""
+        trips on a slow link). Lost connections to workers gone from the view are closed."""
         while True:
-            end = self.service.end
-            for peer in self.view.peers(self.model_id):
+            end, peers = self.service.end, self.view.peers(self.model_id)
+            for peer in peers:
                 if peer.start <= end < peer.end and peer.num_blocks == self.num_blocks:
                     self.service.pusher.connect(peer.endpoint)
+            await self.service.pusher.prune({endpoint for peer in peers for endpoint in peer.endpoints})
             await asyncio.sleep(self.config.gossip_interval)
 
     # ---- rebalancing -----------------------------------------------------------------------
