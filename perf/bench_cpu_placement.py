@@ -1,6 +1,7 @@
 """CPU workers of one chain: how their OpenMP threads wait and which cores they use, against one process.
 
-    python perf/bench_cpu_placement.py [--variants launcher passive spin=10000 shared:passive shared:spin=10000]
+    python perf/bench_cpu_placement.py [--variants launcher passive spin=10000 shared:passive shared:spin=10000
+                                                  whole spans spans-thread]
                                        [--threads 2] [--rounds 6] [--steps 48] [--model DIR] [--json PATH]
 
 Two workers on loopback (each half of the blocks) decode single tokens through
@@ -16,7 +17,12 @@ alike. A variant names how the workers wait between parallel regions:
 and "shared:" before it pins both workers to the same --threads cores (taskset),
 so that they take turns on cores that never idle, as one process's threads do,
 instead of each computing on cores that sat idle through the other's turn.
-Printed per variant: the median step, its ratio to one process's, and each
+Three more variants split a gap between workers and one process: "whole", one
+worker of all blocks (the launcher's waits): a worker's process and hops
+without a second worker; "spans", this process running the workers' own span
+modules (worker/loader.py) back to back on its main thread: their code without
+a worker process; "spans-thread", the same on a long-lived thread of its own, as
+a worker computes (worker/compute.py). Printed per variant: the median step, its ratio to one process's, and each
 round's ratio; the JSON holds every round.
 """
 from __future__ import annotations
@@ -26,9 +32,11 @@ import json
 import logging
 import os
 import platform
+import queue
 import shutil
 import statistics
 import sys
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -50,7 +58,42 @@ def variant_env(wait: str) -> dict[str, str]:
         return {"OMP_WAIT_POLICY": "PASSIVE"}
     if wait.startswith("spin="):
         return {"GOMP_SPINCOUNT": str(int(wait[5:]))}
-    raise SystemExit(f"unknown wait {wait!r}: use launcher, passive or spin=N")
+    raise SystemExit(f"unknown variant {wait!r}: use launcher, passive, spin=N (each maybe shared:), whole, spans or "
+                     "spans-thread")
+
+
+def spans_step_ms(spans, hidden: torch.Tensor, steps: int) -> float:
+    """Median single-token step through `spans` in turn, each on its own cache, after the prompt."""
+    with torch.inference_mode():
+        caches = [span.new_cache() for span in spans]
+        x = hidden
+        for span, cache in zip(spans, caches):
+            x = span(x, cache=cache)
+        times = []
+        for _ in range(steps):
+            started, x = time.perf_counter(), hidden[:, -1:]
+            for span, cache in zip(spans, caches):
+                x = span(x, cache=cache)
+            times.append(time.perf_counter() - started)
+    return 1e3 * statistics.median(times)
+
+
+class ComputeThread:
+    """A long-lived thread that runs what it is handed, as a worker's compute thread does."""
+
+    def __init__(self):
+        self._jobs: queue.Queue = queue.Queue()
+        self._results: queue.Queue = queue.Queue()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            fn, args = self._jobs.get()
+            self._results.put(fn(*args))
+
+    def __call__(self, fn, *args):
+        self._jobs.put((fn, args))
+        return self._results.get()
 
 
 def swarm_step_ms(model, prompt: torch.Tensor, steps: int) -> float:
@@ -95,24 +138,44 @@ def main() -> None:
     local = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     prompt = torch.randint(0, local.config.vocab_size, (1, PROMPT_TOKENS), generator=torch.Generator().manual_seed(1))
     half, blocks = local.config.num_hidden_layers // 2, local.config.num_hidden_layers
-    worker_args = [["--model", folder, "--blocks", span, "--threads", str(args.threads), "--no-mdns"]
-                   for span in (f"0:{half}", f"{half}:{blocks}")]
+    spans = (f"0:{half}", f"{half}:{blocks}")
+
+    def worker(span: str) -> list[str]:
+        return ["--model", folder, "--blocks", span, "--threads", str(args.threads), "--no-mdns"]
+
+    worker_args = [worker(span) for span in spans]
     shared_cores = ",".join(map(str, cores[:args.threads]))
-    swarms, remotes = {}, {}
+    swarms, remotes, in_process = {}, {}, {}
+    if {"spans", "spans-thread"} & set(args.variants):
+        from corolla.worker.loader import load_span
+        modules = [load_span(folder, *map(int, span.split(":")), progress=False) for span in spans]
+        with torch.inference_mode():
+            hidden = local.model.embed_tokens(prompt)
+        thread = ComputeThread()
+        in_process = {"spans": lambda: spans_step_ms(modules, hidden, args.steps),
+                      "spans-thread": lambda: thread(spans_step_ms, modules, hidden, args.steps)}
+        in_process = {k: v for k, v in in_process.items() if k in args.variants}
     try:
         for variant in args.variants:
-            wait = variant.removeprefix("shared:")
-            prefix = ["taskset", "-c", shared_cores] if variant.startswith("shared:") else None
-            log.info("starting 2 workers: %s", variant)
-            swarms[variant] = LocalSwarm(worker_args, env=variant_env(wait), prefix=prefix)
+            if variant in in_process:
+                continue
+            if variant == "whole":
+                log.info("starting 1 worker of all blocks")
+                swarms[variant] = LocalSwarm([worker(f"0:{blocks}")])
+            else:
+                wait = variant.removeprefix("shared:")
+                prefix = ["taskset", "-c", shared_cores] if variant.startswith("shared:") else None
+                log.info("starting 2 workers: %s", variant)
+                swarms[variant] = LocalSwarm(worker_args, env=variant_env(wait), prefix=prefix)
             remotes[variant] = AutoDistributedModelForCausalLM.from_pretrained(
                 folder, initial_peers=swarms[variant].endpoints, wire_dtype=torch.float16, use_server_to_server=False)
             swarm_step_ms(remotes[variant], prompt, 2)  # warm-up: connections, routing
         rounds: dict[str, list[float]] = {"one process": [], **{v: [] for v in args.variants}}
         for r in range(args.rounds):
             rounds["one process"].append(local_step_ms(local, prompt, args.steps))
-            for variant, model in remotes.items():
-                rounds[variant].append(swarm_step_ms(model, prompt, args.steps))
+            for variant in args.variants:
+                rounds[variant].append(in_process[variant]() if variant in in_process
+                                       else swarm_step_ms(remotes[variant], prompt, args.steps))
             log.info("round %d of %d: %s", r + 1, args.rounds,
                      ", ".join(f"{k} {v[-1]:.1f} ms" for k, v in rounds.items()))
     finally:
