@@ -21,8 +21,10 @@ NOT_RETRYABLE = frozenset({ErrorCode.BAD_HEADER, ErrorCode.BAD_VERSION, ErrorCod
                            ErrorCode.BAD_VALUE, ErrorCode.OUT_OF_RANGE, ErrorCode.UNKNOWN_ADAPTER})
 
 
-#: Codes of a healthy worker that is full right now: wait and retry, but do not ban it.
+#: Codes of a healthy worker that is full right now: route elsewhere if anyone else serves its blocks, else wait
+#: and retry it; never ban it for long.
 BUSY = frozenset({ErrorCode.BUSY, ErrorCode.CACHE_FULL})
+BUSY_AVOID_S = 5.0  # how long a full worker stays out of a client's new chains (while others can serve them)
 
 
 def worth_retrying(error: Exception) -> bool:
@@ -30,9 +32,12 @@ def worth_retrying(error: Exception) -> bool:
 
 
 def blame(bans: "Bans", router, error: Exception, endpoint: str) -> None:
-    """Ban the worker that caused `error` and forget the router's figure for its link, unless it was merely full:
-    a worker that failed may be back restarted or moved, behind another link."""
-    if not is_busy(error):
+    """Keep the worker that caused `error` out of new chains: a failed one for the ban, its link's figure
+    forgotten (it may be back restarted or moved, behind another link); a full one briefly, so the retry goes to
+    a replica with room, where there is one."""
+    if is_busy(error):
+        bans.ban(endpoint, error, BUSY_AVOID_S)
+    else:
         bans.ban(endpoint, error)
         router.links.forget(endpoint)
 
@@ -48,9 +53,11 @@ class Bans:
     seconds: float = 30.0
     _until: dict[str, float] = field(default_factory=dict)
 
-    def ban(self, endpoint: str, error: Exception) -> None:
-        self._until[endpoint] = time.monotonic() + self.seconds
-        log.warning("banning %s for %.1f s after %s", endpoint, self.seconds, error)
+    def ban(self, endpoint: str, error: Exception, seconds: float | None = None) -> None:
+        seconds = self.seconds if seconds is None else seconds
+        self._until[endpoint] = max(self._until.get(endpoint, 0.0), time.monotonic() + seconds)
+        log.log(logging.INFO if is_busy(error) else logging.WARNING, "avoiding %s for %.1f s after %s", endpoint,
+                seconds, error)
 
     def current(self) -> frozenset[str]:
         now = time.monotonic()
@@ -79,13 +86,14 @@ class Retry:
         await asyncio.sleep(delay)
 
 
-async def reroute(router: Router, bans: Bans, start: int, end: int) -> list[Hop]:
-    """A chain for [start, end) avoiding banned workers; if only banned ones cover it, try them anyway
+async def reroute(router: Router, bans: Bans, start: int, end: int, cache_tokens: int = 0) -> list[Hop]:
+    """A chain for [start, end) avoiding banned workers, for a session needing `cache_tokens` on each (see
+    Router.chain); if only banned ones cover it, try them anyway
     (a restarted worker comes back at the same address)."""
     banned = bans.current()
     if banned and not router.covers(start, end, banned):
         banned = frozenset()
-    return await router.chain(start, end, banned)
+    return await router.chain(start, end, banned, cache_tokens)
 
 
 def failed_endpoint(error: Exception, hop: Hop) -> str:

@@ -85,7 +85,10 @@ class Hop:
 class Router(Protocol):
     links: "LinkMeter"
 
-    async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]: ...
+    async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset(),
+                    cache_tokens: int = 0) -> list[Hop]:
+        """Workers for [start, end), less `exclude`; an inference session's chain needs `cache_tokens` of KV cache
+        on each (batch x max length), which routing heeds where it knows workers' free cache."""
 
     def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
         """Whether workers known right now, less `exclude`, cover [start, end) (no waiting for discovery)."""
@@ -154,7 +157,9 @@ class StaticRouter:
         infos = self._infos.result() if answered else []
         return not uncovered([i for e, i in zip(self.endpoints, infos) if e not in exclude], start, end)
 
-    async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
+    async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset(),
+                    cache_tokens: int = 0) -> list[Hop]:
+        """The listed workers in order (their free cache is not followed: a full one's refusal reroutes)."""
         self.measure()
         hops, position = [], start
         for endpoint, info in zip(self.endpoints, await self.infos()):
@@ -502,16 +507,21 @@ class SwarmRouter:
     def round_trip(self, endpoint: str) -> float | None:
         return self.rtt.rtt.get(endpoint)
 
-    async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset()) -> list[Hop]:
-        """The cheapest chain over [start, end); waits up to discovery_timeout for missing blocks to appear."""
+    async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset(),
+                    cache_tokens: int = 0) -> list[Hop]:
+        """The cheapest chain over [start, end); waits up to discovery_timeout for missing blocks to appear. With
+        `cache_tokens`, over workers whose announced free cache holds them where those cover the blocks (gossip's
+        figure may be a round old: a worker that is full after all refuses, and the session routes around it)."""
         self.measure()
         deadline = time.monotonic() + self.discovery_timeout
         while True:
             self._changed.clear()
             peers = self.candidates(exclude)
             await self.rtt.ensure(p.endpoint for p in peers)
+            roomy = [p for p in peers if p.cache_tokens_free >= cache_tokens]
             try:
-                hops, cost = route(peers, start, end, self.hop_cost(peers), self.model_id)
+                hops, cost = route(roomy if not uncovered(roomy, start, end) else peers, start, end,
+                                   self.hop_cost(peers), self.model_id)
             except MissingBlocksError:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -92,7 +92,7 @@ class InferenceSession:
     async def _step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
         self.batch_size = hidden.shape[0]
         if self._hops is None:
-            self._hops = await reroute(self.router, self.bans, 0, self.num_blocks)
+            self._hops = await reroute(self.router, self.bans, 0, self.num_blocks, self._cache_tokens)
         retry = Retry(self.config.max_retries)
         if len(self._hops) > 1 and self._push_pays():
             try:
@@ -118,6 +118,11 @@ class InferenceSession:
             sent[hop.start] = hidden
             hidden, i = out, i + 1
         return self._record(sent, inputs, hidden)
+
+    @property
+    def _cache_tokens(self) -> int:
+        """KV-cache tokens this session reserves on each of its workers."""
+        return self.batch_size * self.max_length
 
     def _push_pays(self) -> bool:
         if self.config.use_server_to_server is not None:
@@ -209,7 +214,7 @@ class InferenceSession:
         """Route the failed hop's blocks anew and replay the session's history into the new workers."""
         failed = self._hops[i]
         self._opened.pop(failed, None)
-        new_hops = await reroute(self.router, self.bans, failed.start, failed.end)
+        new_hops = await reroute(self.router, self.bans, failed.start, failed.end, self._cache_tokens)
         log.info("session %s: blocks %d:%d move from %s to %s", self.session_id, failed.start, failed.end,
                     failed.endpoint, [(h.endpoint, h.start, h.end) for h in new_hops])
         self._hops[i:i + 1] = new_hops

@@ -103,3 +103,35 @@ def test_worker_restarted_on_same_span(tiny_llama_folder, reference):
         out, session = _generate_with_fault(tiny_llama_folder, swarm, restart)
     assert restarted and session.recoveries >= 1
     assert torch.equal(out, reference)
+
+
+def _full_and_free_replicas(folder):
+    """Two workers of all blocks: A announced far faster but with cache for 64 tokens only, B slow with plenty."""
+    a = worker_args(folder, ["0:4"], "--cache-tokens", "64", "--throughput", "1000000", "--gossip-interval", "0.5")
+    b = worker_args(folder, ["0:4"], "--throughput", "1", "--gossip-interval", "0.5")
+    return a + b
+
+
+def _generate(folder, peers, **client):
+    model = AutoDistributedModelForCausalLM.from_pretrained(folder, initial_peers=peers, wire_dtype=None, **client)
+    with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:  # 70 tokens: more than A has
+        out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+    return out, session
+
+
+def test_sessions_route_around_a_worker_without_cache_for_them(tiny_llama_folder, reference):
+    """Gossip carries each worker's free cache: a session's chain skips the fastest worker when its cache cannot
+    hold the session, instead of being refused there again and again."""
+    with LocalSwarm(_full_and_free_replicas(tiny_llama_folder)) as swarm:
+        out, session = _generate(tiny_llama_folder, swarm.endpoints)
+    assert torch.equal(out, reference)
+    assert session.chain == [(swarm.endpoints[1], 0, 4)] and session.recoveries == 0
+
+
+def test_a_worker_that_refuses_a_session_for_want_of_cache_is_routed_around(tiny_llama_folder, reference):
+    """A static chain knows no worker's free cache: the full worker's refusal (CACHE_FULL) sends the session to the
+    replica at once rather than back to the full worker until the retries run out."""
+    with LocalSwarm(_full_and_free_replicas(tiny_llama_folder)) as swarm:
+        out, session = _generate(tiny_llama_folder, swarm.endpoints, routing="static")
+    assert torch.equal(out, reference)
+    assert session.chain == [(swarm.endpoints[1], 0, 4)]

@@ -87,6 +87,25 @@ def test_allowed_blocked_and_excluded_servers():
     assert e.value.missing == [(15, 30)]
 
 
+def test_a_session_is_routed_over_workers_with_cache_for_it_where_they_cover_its_blocks():
+    peers = [entry("fast", 0, 30, throughput=1000, cache_tokens_free=100),
+             entry("head", 0, 15, cache_tokens_free=5000), entry("tail", 15, 30, cache_tokens_free=5000)]
+    assert hops_of(chain(make_router(peers))) == [("fast", 0, 30)]
+
+    def session_chain(router, cache_tokens, start=0):
+        async def run():
+            try:
+                return await router.chain(start, 30, frozenset(), cache_tokens)
+            finally:
+                await router.close()
+        return hops_of(asyncio.run(run()))
+
+    assert session_chain(make_router(peers), 100) == [("fast", 0, 30)]
+    assert session_chain(make_router(peers), 2048) == [("head", 0, 15), ("tail", 15, 30)]
+    assert session_chain(make_router(peers), 2048, start=20) == [("tail", 20, 30)]
+    assert session_chain(make_router(peers), 9999) == [("fast", 0, 30)]  # no one has room: the cheapest all the same
+
+
 def test_a_hop_more_must_save_more_than_its_overhead():
     """Two halves computing 2% faster than one whole-model worker (within a shared machine's noise of throughput
     figures) do not win over it: a hop costs its hand-offs beyond the ping's round trip. Twice as fast, they do."""
