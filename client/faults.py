@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from corolla.bus.errors import ErrorCode, RemoteError
-from corolla.client.routing import Hop, Router
+from corolla.client.routing import Hop, Needs, Router
 
 log = logging.getLogger(__name__)
 
@@ -86,14 +86,14 @@ class Retry:
         await asyncio.sleep(delay)
 
 
-async def reroute(router: Router, bans: Bans, start: int, end: int, cache_tokens: int = 0) -> list[Hop]:
-    """A chain for [start, end) avoiding banned workers, for a session needing `cache_tokens` on each (see
-    Router.chain); if only banned ones cover it, try them anyway
+async def reroute(router: Router, bans: Bans, start: int, end: int, needs: Needs = Needs()) -> list[Hop]:
+    """A chain for [start, end) avoiding banned workers (offering what the request `needs`, see Router.chain);
+    if only banned ones cover it, try them anyway
     (a restarted worker comes back at the same address)."""
     banned = bans.current()
     if banned and not router.covers(start, end, banned):
         banned = frozenset()
-    return await router.chain(start, end, banned, cache_tokens)
+    return await router.chain(start, end, banned, needs)
 
 
 def failed_endpoint(error: Exception, hop: Hop) -> str:

@@ -21,7 +21,7 @@ from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.messages import Backward, Forward
 from corolla.client.config import ClientConfig
 from corolla.client.faults import Bans, Retry, blame, failed_endpoint, reroute, worth_retrying
-from corolla.client.routing import Hop, Router
+from corolla.client.routing import Hop, Needs, Router
 from corolla.client.session import InferenceSession
 
 
@@ -69,6 +69,11 @@ class RemoteSequential(nn.Module):
     def extra_repr(self) -> str:
         return f"blocks=0..{self.num_blocks}, remote"
 
+    @property
+    def _needs(self) -> Needs:
+        """Stateless passes need only their workers to serve the active adapter."""
+        return Needs(adapter=self.client_config.active_adapter)
+
     def inference_session(self, max_length: int) -> InferenceSession:
         return InferenceSession(self.router, self.pool, self.bus, self.client_config, self.num_blocks, max_length,
                                 self.bans)
@@ -96,7 +101,7 @@ class RemoteSequential(nn.Module):
         already routed for them."""
         saved = []
         if hops is None:
-            hops = await reroute(self.router, self.bans, start, end)
+            hops = await reroute(self.router, self.bans, start, end, self._needs)
         while hops:
             hop = hops[0]
             hop_prompts = None if prompts is None else prompts[hop.start:hop.end]
@@ -104,7 +109,7 @@ class RemoteSequential(nn.Module):
                 reply = await self._call(hop, Forward(hidden, hop.start, hop.end, attention_mask, position_ids,
                                                       hop_prompts, self.client_config.active_adapter), retry)
             except _Reroute:
-                hops = await reroute(self.router, self.bans, hop.start, end)
+                hops = await reroute(self.router, self.bans, hop.start, end, self._needs)
                 continue
             saved.append((hop, hidden))
             hidden, hops = reply.hidden, hops[1:]
@@ -132,7 +137,7 @@ class RemoteSequential(nn.Module):
     async def _forward_pipelined(self, hidden, attention_mask, position_ids, prompts
                                  ) -> tuple[torch.Tensor, list[slice], list[list[tuple[Hop, torch.Tensor]]]]:
         """All blocks' outputs, computed in micro-batches along one chain; their rows and saved inputs for backward."""
-        hops = await reroute(self.router, self.bans, 0, self.num_blocks)
+        hops = await reroute(self.router, self.bans, 0, self.num_blocks, self._needs)
         rows = row_slices(hidden.shape[0], micro_batch_count(self.client_config.micro_batches, hidden.shape[0],
                                                              hidden.shape[1], len(hops)))
         done = await _all(self._forward_range(0, self.num_blocks, hidden[r], _rows(attention_mask, r),

@@ -82,13 +82,20 @@ class Hop:
     end: int
 
 
+@dataclass(frozen=True)
+class Needs:
+    """What a chain's workers must offer beyond its blocks."""
+
+    cache_tokens: int = 0  # free KV cache on each, for an inference session (batch x max length): preferred
+    adapter: str = ""  # the LoRA adapter each must serve ("": the base model): required
+
+
 class Router(Protocol):
     links: "LinkMeter"
 
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset(),
-                    cache_tokens: int = 0) -> list[Hop]:
-        """Workers for [start, end), less `exclude`; an inference session's chain needs `cache_tokens` of KV cache
-        on each (batch x max length), which routing heeds where it knows workers' free cache."""
+                    needs: Needs = Needs()) -> list[Hop]:
+        """Workers for [start, end), less `exclude`, that offer what the request `needs` where routing knows it."""
 
     def covers(self, start: int, end: int, exclude: frozenset[str]) -> bool:
         """Whether workers known right now, less `exclude`, cover [start, end) (no waiting for discovery)."""
@@ -158,8 +165,9 @@ class StaticRouter:
         return not uncovered([i for e, i in zip(self.endpoints, infos) if e not in exclude], start, end)
 
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset(),
-                    cache_tokens: int = 0) -> list[Hop]:
-        """The listed workers in order (their free cache is not followed: a full one's refusal reroutes)."""
+                    needs: Needs = Needs()) -> list[Hop]:
+        """The listed workers in order, whatever the request needs (a full one's refusal reroutes; one without
+        the adapter refuses the request)."""
         self.measure()
         hops, position = [], start
         for endpoint, info in zip(self.endpoints, await self.infos()):
@@ -183,6 +191,15 @@ def _failed(future: asyncio.Future) -> bool:
 
 
 # ---- the shortest chain ----------------------------------------------------------------------
+
+
+def suited(peers: list[PeerEntry], needs: Needs, start: int, end: int) -> list[PeerEntry]:
+    """The peers to route [start, end) over: those serving the adapter with room for the cache (gossip's figure may
+    be a round old: a worker full after all refuses, and a session routes around it), else those serving the
+    adapter, else all (a worker then refuses what it cannot do, and says why), whichever first cover the blocks."""
+    serving = [p for p in peers if not needs.adapter or needs.adapter in p.adapters]
+    roomy = [p for p in serving if p.cache_tokens_free >= needs.cache_tokens]
+    return next((group for group in (roomy, serving) if not uncovered(group, start, end)), peers)
 
 
 def uncovered(peers: Iterable[PeerEntry | WorkerInfo], start: int, end: int) -> list[tuple[int, int]]:
@@ -508,20 +525,17 @@ class SwarmRouter:
         return self.rtt.rtt.get(endpoint)
 
     async def chain(self, start: int, end: int, exclude: frozenset[str] = frozenset(),
-                    cache_tokens: int = 0) -> list[Hop]:
-        """The cheapest chain over [start, end); waits up to discovery_timeout for missing blocks to appear. With
-        `cache_tokens`, over workers whose announced free cache holds them where those cover the blocks (gossip's
-        figure may be a round old: a worker that is full after all refuses, and the session routes around it)."""
+                    needs: Needs = Needs()) -> list[Hop]:
+        """The cheapest chain over [start, end) of the workers that offer what the request `needs` (`suited`);
+        waits up to discovery_timeout for missing blocks to appear."""
         self.measure()
         deadline = time.monotonic() + self.discovery_timeout
         while True:
             self._changed.clear()
             peers = self.candidates(exclude)
             await self.rtt.ensure(p.endpoint for p in peers)
-            roomy = [p for p in peers if p.cache_tokens_free >= cache_tokens]
             try:
-                hops, cost = route(roomy if not uncovered(roomy, start, end) else peers, start, end,
-                                   self.hop_cost(peers), self.model_id)
+                hops, cost = route(suited(peers, needs, start, end), start, end, self.hop_cost(peers), self.model_id)
             except MissingBlocksError:
                 left = deadline - time.monotonic()
                 if left <= 0:

@@ -24,7 +24,7 @@ from corolla.bus.errors import CorollaError
 from corolla.bus.messages import CloseSession, OpenSession, Step
 from corolla.client.config import ClientConfig
 from corolla.client.faults import Bans, Retry, blame, failed_endpoint, reroute, worth_retrying
-from corolla.client.routing import Hop, Router
+from corolla.client.routing import Hop, Needs, Router
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class InferenceSession:
     async def _step(self, hidden: torch.Tensor, inputs: _StepInputs) -> torch.Tensor:
         self.batch_size = hidden.shape[0]
         if self._hops is None:
-            self._hops = await reroute(self.router, self.bans, 0, self.num_blocks, self._cache_tokens)
+            self._hops = await reroute(self.router, self.bans, 0, self.num_blocks, self._needs)
         retry = Retry(self.config.max_retries)
         if len(self._hops) > 1 and self._push_pays():
             try:
@@ -120,9 +120,9 @@ class InferenceSession:
         return self._record(sent, inputs, hidden)
 
     @property
-    def _cache_tokens(self) -> int:
-        """KV-cache tokens this session reserves on each of its workers."""
-        return self.batch_size * self.max_length
+    def _needs(self) -> Needs:
+        """Its workers serve its adapter, and have room for the cache it reserves on each (batch x max length)."""
+        return Needs(self.batch_size * self.max_length, self.config.active_adapter)
 
     def _push_pays(self) -> bool:
         if self.config.use_server_to_server is not None:
@@ -214,7 +214,7 @@ class InferenceSession:
         """Route the failed hop's blocks anew and replay the session's history into the new workers."""
         failed = self._hops[i]
         self._opened.pop(failed, None)
-        new_hops = await reroute(self.router, self.bans, failed.start, failed.end, self._cache_tokens)
+        new_hops = await reroute(self.router, self.bans, failed.start, failed.end, self._needs)
         log.info("session %s: blocks %d:%d move from %s to %s", self.session_id, failed.start, failed.end,
                     failed.endpoint, [(h.endpoint, h.start, h.end) for h in new_hops])
         self._hops[i:i + 1] = new_hops

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 MAX_ENDPOINTS = 16
+MAX_ADAPTERS = 64
 MAX_TEXT = 256
 MAX_COUNTER = 2**32 - 1  # versions, heartbeats and ages travel as u32 in gossip digests
 
@@ -33,6 +34,7 @@ class PeerEntry:
     protocol: int = 0  # bus.wire.PROTOCOL_VERSION the worker speaks
     throughput: float = 0.0  # inference tokens/s one of its blocks processes (0: unknown)
     cache_tokens_free: int = 0
+    adapters: tuple[str, ...] = ()  # names of the LoRA adapters it serves (see worker/adapters.py)
     version: int = 0
     heartbeat: int = 0
     gone: bool = False  # a tombstone: the worker said goodbye
@@ -56,7 +58,8 @@ class PeerEntry:
         """The msgpack-able form; `age_ms` says how long ago the heartbeat (default: ours) was current."""
         return {"id": self.peer_id, "ep": list(self.endpoints), "model": self.model, "start": self.start,
                 "end": self.end, "n": self.num_blocks, "dtype": self.dtype, "proto": self.protocol,
-                "tp": float(self.throughput), "cache": self.cache_tokens_free, "ver": self.version,
+                "tp": float(self.throughput), "cache": self.cache_tokens_free, "ad": list(self.adapters),
+                "ver": self.version,
                 "hb": self.heartbeat if heartbeat is None else heartbeat, "age": max(0, min(int(age_ms), MAX_COUNTER)),
                 "gone": self.gone}
 
@@ -70,7 +73,7 @@ class PeerEntry:
                         start=_count(d["start"]), end=_count(d["end"]), num_blocks=_count(d["n"]),
                         dtype=_text(d.get("dtype", ""), empty=True), protocol=_count(d.get("proto", 0)),
                         throughput=_rate(d.get("tp", 0.0)), cache_tokens_free=_count(d.get("cache", 0)),
-                        version=_count(d["ver"]), heartbeat=_count(d["hb"]), gone=bool(d.get("gone", False)),
+                        adapters=_adapters(d.get("ad", [])), version=_count(d["ver"]), heartbeat=_count(d["hb"]), gone=bool(d.get("gone", False)),
                         heard_at=now - _count(d["age"]) / 1000)
         except KeyError as e:
             raise EntryError(f"entry lacks {e.args[0]!r}") from None
@@ -95,6 +98,12 @@ def _rate(v: Any) -> float:
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
         raise EntryError(f"expected a finite non-negative number, got {v!r:.40}")
     return float(v)
+
+
+def _adapters(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or len(v) > MAX_ADAPTERS:
+        raise EntryError(f"expected a list of at most {MAX_ADAPTERS} adapter names")
+    return tuple(_text(name) for name in v)
 
 
 def _endpoints(v: Any) -> tuple[str, ...]:

@@ -34,7 +34,7 @@ MDNS_SETTLE_S = 1.5  # mDNS answers arrive within ~0.5 s of the first query; all
 def entry_from_info(info: WorkerInfo, endpoint: str) -> PeerEntry:
     return PeerEntry(peer_id=info.peer_id, endpoints=(endpoint,), model=info.model, start=info.start, end=info.end,
                      num_blocks=info.num_blocks, dtype=info.dtype, protocol=info.version, throughput=info.throughput,
-                     cache_tokens_free=info.cache_tokens_free, heard_at=time.monotonic())
+                     cache_tokens_free=info.cache_tokens_free, adapters=tuple(info.adapters), heard_at=time.monotonic())
 
 
 class SwarmObserver:

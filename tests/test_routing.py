@@ -14,7 +14,7 @@ import zmq.asyncio
 from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.errors import MissingBlocksError, RequestTimeout
 from corolla.bus.messages import WorkerInfo
-from corolla.client.routing import LATENCY, THROUGHPUT, StaticRouter, SwarmRouter, route
+from corolla.client.routing import LATENCY, THROUGHPUT, Needs, StaticRouter, SwarmRouter, route
 from corolla.discovery.view import SwarmView
 from corolla.worker.launcher import LocalSwarm, stop_all
 
@@ -87,23 +87,35 @@ def test_allowed_blocked_and_excluded_servers():
     assert e.value.missing == [(15, 30)]
 
 
+def needed_chain(router, needs, start=0):
+    async def run():
+        try:
+            return await router.chain(start, 30, frozenset(), needs)
+        finally:
+            await router.close()
+    return hops_of(asyncio.run(run()))
+
+
 def test_a_session_is_routed_over_workers_with_cache_for_it_where_they_cover_its_blocks():
     peers = [entry("fast", 0, 30, throughput=1000, cache_tokens_free=100),
              entry("head", 0, 15, cache_tokens_free=5000), entry("tail", 15, 30, cache_tokens_free=5000)]
     assert hops_of(chain(make_router(peers))) == [("fast", 0, 30)]
+    assert needed_chain(make_router(peers), Needs(100)) == [("fast", 0, 30)]
+    assert needed_chain(make_router(peers), Needs(2048)) == [("head", 0, 15), ("tail", 15, 30)]
+    assert needed_chain(make_router(peers), Needs(2048), start=20) == [("tail", 20, 30)]
+    assert needed_chain(make_router(peers), Needs(9999)) == [("fast", 0, 30)]  # no one has room: the cheapest
 
-    def session_chain(router, cache_tokens, start=0):
-        async def run():
-            try:
-                return await router.chain(start, 30, frozenset(), cache_tokens)
-            finally:
-                await router.close()
-        return hops_of(asyncio.run(run()))
 
-    assert session_chain(make_router(peers), 100) == [("fast", 0, 30)]
-    assert session_chain(make_router(peers), 2048) == [("head", 0, 15), ("tail", 15, 30)]
-    assert session_chain(make_router(peers), 2048, start=20) == [("tail", 20, 30)]
-    assert session_chain(make_router(peers), 9999) == [("fast", 0, 30)]  # no one has room: the cheapest all the same
+def test_requests_with_an_adapter_are_routed_over_workers_serving_it():
+    peers = [entry("fast", 0, 30, throughput=1000), entry("head", 0, 15, adapters=("pirate",)),
+             entry("tail", 15, 30, adapters=("pirate", "ninja"), cache_tokens_free=5000),
+             entry("tail-roomy", 15, 30, cache_tokens_free=5000)]
+    assert needed_chain(make_router(peers), Needs()) == [("fast", 0, 30)]
+    assert needed_chain(make_router(peers), Needs(adapter="pirate")) == [("head", 0, 15), ("tail", 15, 30)]
+    # the adapter is required, room only preferred: no worker serving it has room for the session
+    assert needed_chain(make_router(peers), Needs(2048, "pirate")) == [("head", 0, 15), ("tail", 15, 30)]
+    # no chain serves it: whichever chain is cheapest, whose worker refuses with UNKNOWN_ADAPTER naming its own
+    assert needed_chain(make_router(peers), Needs(adapter="ninja")) == [("fast", 0, 30)]
 
 
 def test_a_hop_more_must_save_more_than_its_overhead():

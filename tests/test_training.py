@@ -170,6 +170,26 @@ def test_worker_served_lora_equals_local_peft(tiny_llama_folder, lora_adapter):
         assert e.value.code == ErrorCode.UNKNOWN_ADAPTER and "pirate" in str(e.value)
 
 
+def test_requests_with_an_adapter_go_to_the_workers_serving_it(tiny_llama_folder, lora_adapter):
+    """Of two workers with the same blocks, the one announced far faster lacks the adapter: a client using the
+    adapter is routed to the other (gossip carries each worker's adapters), for generation and for a forward."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    ids = torch.tensor([[5, 17, 42, 7]])
+    local = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama_folder), lora_adapter).eval()
+    want = local.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
+    args = (worker_args(tiny_llama_folder, ["0:4"], "--throughput", "1000000")
+            + worker_args(tiny_llama_folder, ["0:4"], "--throughput", "1", "--adapter", f"pirate={lora_adapter}"))
+    with LocalSwarm(args) as swarm:
+        model = AutoDistributedModelForCausalLM.from_pretrained(tiny_llama_folder, initial_peers=swarm.endpoints,
+                                                                wire_dtype=None, active_adapter="pirate")
+        with model.inference_session(max_length=16) as session:
+            assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False), want)
+        assert session.chain == [(swarm.endpoints[1], 0, 4)]
+        with torch.no_grad():
+            assert (model(ids).logits - local(input_ids=ids).logits).abs().max() < 1e-4
+
+
 def test_training_cannot_starve_inference(tiny_llama_folder):
     """Training work queued first; an inference step sent after it is served ahead of the queue."""
     with LocalSwarm(worker_args(tiny_llama_folder, ["0:4"])) as swarm:

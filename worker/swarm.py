@@ -64,7 +64,8 @@ class SwarmMembership:
         entry = PeerEntry(peer_id=service.peer_id, endpoints=(server.endpoint,), model=self.model_id,
                           start=service.start, end=service.end, num_blocks=self.num_blocks, dtype=self.config.dtype,
                           protocol=wire.PROTOCOL_VERSION, throughput=throughput,
-                          cache_tokens_free=service.sessions.free_tokens)
+                          cache_tokens_free=service.sessions.free_tokens,
+                          adapters=tuple(service.adapters.names if service.adapters else ()))
         await self.presence.join(entry, server.endpoint, service)
         self._tasks.append(asyncio.ensure_future(self._report_cache()))
         self._tasks.append(asyncio.ensure_future(self._connect_onward()))
