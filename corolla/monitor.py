@@ -3,7 +3,8 @@
 Per model: a coverage bar over its blocks (how many reachable workers hold
 each block, '-' where none does), whether a full chain exists and what it
 would cost per token, then one line per worker: its span, endpoint,
-throughput and health (ping RTT, or unreachable).
+throughput, free KV cache (tokens), health (ping RTT, or unreachable) and
+the LoRA adapters it serves.
 """
 from __future__ import annotations
 
@@ -65,8 +66,9 @@ def render(view: SwarmView, rtt: RttTracker, model: str | None = None) -> str:
         for p in mine:
             health = "unreachable" if p.endpoint in rtt.unreachable else f"ok {rtt.get(p.endpoint) * 1000:.1f} ms"
             throughput = f"{p.throughput:.0f} tok/s" if p.throughput else "? tok/s"
+            adapters = f"  adapters {', '.join(p.adapters)}" if p.adapters else ""
             lines.append(f"  {p.peer_id:<16}  [{span_bar(p)}] {p.start:>3}:{p.end:<3} {p.endpoint:<28} "
-                         f"{throughput:>12}  {health}")
+                         f"{throughput:>12}  cache {p.cache_tokens_free:>7} free  {health}{adapters}")
     return "\n".join(lines)
 
 

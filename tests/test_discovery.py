@@ -131,7 +131,8 @@ def test_swarm_table_shows_coverage_chain_and_health():
     view = SwarmView()
     for e in (entry("aaaa", 0, 10, num_blocks=30, endpoint="tcp://10.0.0.1:1"),
               entry("bbbb", 0, 10, num_blocks=30, endpoint="tcp://10.0.0.2:1"),
-              entry("cccc", 20, 30, num_blocks=30, endpoint="tcp://10.0.0.3:1", throughput=0)):
+              entry("cccc", 20, 30, num_blocks=30, endpoint="tcp://10.0.0.3:1", throughput=0, cache_tokens_free=512,
+                    adapters=("pirate", "ninja"))):
         view.put("test", e)
     rtt = RttTracker(ConnectionPool(BusLoop.get().context))
     rtt.rtt.update({"tcp://10.0.0.1:1": 0.002, "tcp://10.0.0.3:1": 0.004})
@@ -141,6 +142,7 @@ def test_swarm_table_shows_coverage_chain_and_health():
     assert "[1111111111----------1111111111]" in table  # the unreachable replica does not count
     assert "aaaa              [##########....................]   0:10  tcp://10.0.0.1:1" in table
     assert "ok 2.0 ms" in table and "unreachable" in table and "? tok/s" in table
+    assert "cache     512 free  ok 4.0 ms  adapters pirate, ninja" in table
     view.put("test", entry("dddd", 5, 25, num_blocks=30, endpoint="tcp://10.0.0.4:1"))
     rtt.rtt["tcp://10.0.0.4:1"] = 0.001
     assert "full chain: yes, 3 hops" in render(view, rtt)
