@@ -84,10 +84,22 @@ class Hop:
 
 @dataclass(frozen=True)
 class Needs:
-    """What a chain's workers must offer beyond its blocks."""
+    """What a chain's workers must offer beyond its blocks: an inference session's batch and length within each
+    worker's limits, the adapter served (required), and room in its cache for the session (preferred)."""
 
-    cache_tokens: int = 0  # free KV cache on each, for an inference session (batch x max length): preferred
-    adapter: str = ""  # the LoRA adapter each must serve ("": the base model): required
+    batch_size: int = 0  # 0, 0: a stateless pass, no session
+    max_length: int = 0
+    adapter: str = ""  # "": the base model
+
+    @property
+    def cache_tokens(self) -> int:
+        return self.batch_size * self.max_length
+
+    def met_by(self, peer: PeerEntry) -> bool:
+        """Whether `peer` serves the adapter and takes the session (as far as it announces: 0 is unknown)."""
+        return ((not self.adapter or self.adapter in peer.adapters)
+                and (not peer.max_length or self.max_length <= peer.max_length)
+                and (not peer.max_batch_size or self.batch_size <= peer.max_batch_size))
 
 
 class Router(Protocol):
@@ -194,12 +206,12 @@ def _failed(future: asyncio.Future) -> bool:
 
 
 def suited(peers: list[PeerEntry], needs: Needs, start: int, end: int) -> list[PeerEntry]:
-    """The peers to route [start, end) over: those serving the adapter with room for the cache (gossip's figure may
-    be a round old: a worker full after all refuses, and a session routes around it), else those serving the
-    adapter, else all (a worker then refuses what it cannot do, and says why), whichever first cover the blocks."""
-    serving = [p for p in peers if not needs.adapter or needs.adapter in p.adapters]
-    roomy = [p for p in serving if p.cache_tokens_free >= needs.cache_tokens]
-    return next((group for group in (roomy, serving) if not uncovered(group, start, end)), peers)
+    """The peers to route [start, end) over: those that meet `needs` with room for the cache (gossip's figure may be
+    a round old: a worker full after all refuses, and a session routes around it), else those that meet them, else
+    all (a worker then refuses what it cannot do, and says why), whichever first cover the blocks."""
+    able = [p for p in peers if needs.met_by(p)]
+    roomy = [p for p in able if p.cache_tokens_free >= needs.cache_tokens]
+    return next((group for group in (roomy, able) if not uncovered(group, start, end)), peers)
 
 
 def uncovered(peers: Iterable[PeerEntry | WorkerInfo], start: int, end: int) -> list[tuple[int, int]]:

@@ -121,8 +121,7 @@ class InferenceSession:
 
     @property
     def _needs(self) -> Needs:
-        """Its workers serve its adapter, and have room for the cache it reserves on each (batch x max length)."""
-        return Needs(self.batch_size * self.max_length, self.config.active_adapter)
+        return Needs(self.batch_size, self.max_length, self.config.active_adapter)
 
     def _push_pays(self) -> bool:
         if self.config.use_server_to_server is not None:

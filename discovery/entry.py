@@ -35,6 +35,8 @@ class PeerEntry:
     throughput: float = 0.0  # inference tokens/s one of its blocks processes (0: unknown)
     cache_tokens_free: int = 0
     adapters: tuple[str, ...] = ()  # names of the LoRA adapters it serves (see worker/adapters.py)
+    max_length: int = 0  # the longest inference session it opens (0: unknown)
+    max_batch_size: int = 0  # the largest batch it takes (0: unknown)
     version: int = 0
     heartbeat: int = 0
     gone: bool = False  # a tombstone: the worker said goodbye
@@ -59,7 +61,7 @@ class PeerEntry:
         return {"id": self.peer_id, "ep": list(self.endpoints), "model": self.model, "start": self.start,
                 "end": self.end, "n": self.num_blocks, "dtype": self.dtype, "proto": self.protocol,
                 "tp": float(self.throughput), "cache": self.cache_tokens_free, "ad": list(self.adapters),
-                "ver": self.version,
+                "ml": self.max_length, "mb": self.max_batch_size, "ver": self.version,
                 "hb": self.heartbeat if heartbeat is None else heartbeat, "age": max(0, min(int(age_ms), MAX_COUNTER)),
                 "gone": self.gone}
 
@@ -73,7 +75,8 @@ class PeerEntry:
                         start=_count(d["start"]), end=_count(d["end"]), num_blocks=_count(d["n"]),
                         dtype=_text(d.get("dtype", ""), empty=True), protocol=_count(d.get("proto", 0)),
                         throughput=_rate(d.get("tp", 0.0)), cache_tokens_free=_count(d.get("cache", 0)),
-                        adapters=_adapters(d.get("ad", [])), version=_count(d["ver"]), heartbeat=_count(d["hb"]), gone=bool(d.get("gone", False)),
+                        adapters=_adapters(d.get("ad", [])), max_length=_count(d.get("ml", 0)),
+                        max_batch_size=_count(d.get("mb", 0)), version=_count(d["ver"]), heartbeat=_count(d["hb"]), gone=bool(d.get("gone", False)),
                         heard_at=now - _count(d["age"]) / 1000)
         except KeyError as e:
             raise EntryError(f"entry lacks {e.args[0]!r}") from None

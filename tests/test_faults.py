@@ -135,3 +135,14 @@ def test_a_worker_that_refuses_a_session_for_want_of_cache_is_routed_around(tiny
         out, session = _generate(tiny_llama_folder, swarm.endpoints, routing="static")
     assert torch.equal(out, reference)
     assert session.chain == [(swarm.endpoints[1], 0, 4)]
+
+
+def test_a_session_longer_than_a_worker_takes_goes_to_one_that_takes_it(tiny_llama_folder, reference):
+    """Gossip carries each worker's session limits: the fastest worker opens sessions of 32 tokens at most, so a
+    70-token session goes to the replica (the fast one would refuse it as a bad request, which is not retried)."""
+    args = (worker_args(tiny_llama_folder, ["0:4"], "--max-length", "32", "--throughput", "1000000")
+            + worker_args(tiny_llama_folder, ["0:4"], "--throughput", "1"))
+    with LocalSwarm(args) as swarm:
+        out, session = _generate(tiny_llama_folder, swarm.endpoints)
+    assert torch.equal(out, reference)
+    assert session.chain == [(swarm.endpoints[1], 0, 4)]

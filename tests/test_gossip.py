@@ -28,15 +28,18 @@ class Clock:
 
 
 def test_entry_wire_round_trip_and_validation():
-    e = entry("abc", 3, 9, throughput=12.5, cache_tokens_free=77, adapters=("pirate",), version=4, heartbeat=11)
+    e = entry("abc", 3, 9, throughput=12.5, cache_tokens_free=77, adapters=("pirate",), max_length=4096,
+              max_batch_size=8, version=4, heartbeat=11)
     back = PeerEntry.from_wire(e.to_wire(age_ms=1500), now=10.0)
     assert back.replace(heard_at=0.0) == e and back.heard_at == pytest.approx(8.5)
     wire = e.to_wire(0)
-    older = {k: v for k, v in wire.items() if k != "ad"}  # from a worker of before adapters were announced
-    assert PeerEntry.from_wire(older, 0.0).adapters == ()
+    older = {k: v for k, v in wire.items() if k not in ("ad", "ml", "mb")}  # a worker of before these were announced
+    assert PeerEntry.from_wire(older, 0.0).replace(heard_at=0.0) == e.replace(adapters=(), max_length=0,
+                                                                                max_batch_size=0)
     for bad in ({**wire, "start": 9}, {**wire, "end": 31}, {**wire, "ep": []}, {**wire, "hb": -1},
                 {**wire, "tp": float("nan")}, {k: v for k, v in wire.items() if k != "ver"}, [1, 2],
-                {**wire, "ad": "pirate"}, {**wire, "ad": [""]}, {**wire, "ad": [7]}, {**wire, "ad": ["x"] * 65}):
+                {**wire, "ad": "pirate"}, {**wire, "ad": [""]}, {**wire, "ad": [7]}, {**wire, "ad": ["x"] * 65},
+                {**wire, "ml": -1}, {**wire, "mb": "8"}):
         with pytest.raises(EntryError):
             PeerEntry.from_wire(bad, 0.0)
 

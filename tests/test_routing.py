@@ -100,10 +100,10 @@ def test_a_session_is_routed_over_workers_with_cache_for_it_where_they_cover_its
     peers = [entry("fast", 0, 30, throughput=1000, cache_tokens_free=100),
              entry("head", 0, 15, cache_tokens_free=5000), entry("tail", 15, 30, cache_tokens_free=5000)]
     assert hops_of(chain(make_router(peers))) == [("fast", 0, 30)]
-    assert needed_chain(make_router(peers), Needs(100)) == [("fast", 0, 30)]
-    assert needed_chain(make_router(peers), Needs(2048)) == [("head", 0, 15), ("tail", 15, 30)]
-    assert needed_chain(make_router(peers), Needs(2048), start=20) == [("tail", 20, 30)]
-    assert needed_chain(make_router(peers), Needs(9999)) == [("fast", 0, 30)]  # no one has room: the cheapest
+    assert needed_chain(make_router(peers), Needs(1, 100)) == [("fast", 0, 30)]
+    assert needed_chain(make_router(peers), Needs(2, 1024)) == [("head", 0, 15), ("tail", 15, 30)]
+    assert needed_chain(make_router(peers), Needs(2, 1024), start=20) == [("tail", 20, 30)]
+    assert needed_chain(make_router(peers), Needs(1, 9999)) == [("fast", 0, 30)]  # no one has room: the cheapest
 
 
 def test_requests_with_an_adapter_are_routed_over_workers_serving_it():
@@ -113,9 +113,18 @@ def test_requests_with_an_adapter_are_routed_over_workers_serving_it():
     assert needed_chain(make_router(peers), Needs()) == [("fast", 0, 30)]
     assert needed_chain(make_router(peers), Needs(adapter="pirate")) == [("head", 0, 15), ("tail", 15, 30)]
     # the adapter is required, room only preferred: no worker serving it has room for the session
-    assert needed_chain(make_router(peers), Needs(2048, "pirate")) == [("head", 0, 15), ("tail", 15, 30)]
+    assert needed_chain(make_router(peers), Needs(1, 2048, "pirate")) == [("head", 0, 15), ("tail", 15, 30)]
     # no chain serves it: whichever chain is cheapest, whose worker refuses with UNKNOWN_ADAPTER naming its own
     assert needed_chain(make_router(peers), Needs(adapter="ninja")) == [("fast", 0, 30)]
+
+
+def test_sessions_are_routed_over_workers_whose_limits_take_them():
+    peers = [entry("fast", 0, 30, throughput=1000, max_length=2048, max_batch_size=8),
+             entry("long", 0, 30, max_length=16384), entry("unknown", 0, 30, throughput=1)]
+    assert needed_chain(make_router(peers), Needs(8, 2048)) == [("fast", 0, 30)]
+    assert needed_chain(make_router(peers), Needs(1, 4096)) == [("long", 0, 30)]
+    assert needed_chain(make_router(peers), Needs(16, 64)) == [("long", 0, 30)]  # no batch limit announced
+    assert needed_chain(make_router(peers[:1] + peers[2:]), Needs(1, 4096)) == [("unknown", 0, 30)]
 
 
 def test_a_hop_more_must_save_more_than_its_overhead():
