@@ -193,7 +193,8 @@ class GossipNode:
         self.table = PeerTable()
         self.me_key: int | None = None
         self.seeds: list[str] = []
-        self.pending_seeds: set[str] = set()  # seeds never reached yet: contacted every round until they answer
+        # seeds not reached yet, or whose peer expired: asked every round until they answer
+        self.pending_seeds: set[str] = set()
         self.rounds = 0
         self.first_round = asyncio.Event()
         self._dirty = False
@@ -326,6 +327,8 @@ class GossipNode:
                 log.info("peer %s (%s) expired: silent for over %.1f s", entry.peer_id, entry.endpoint, self.ttl)
             for endpoint in entry.endpoints:
                 self.transport.forget(endpoint)
+                if endpoint in self.seeds:  # asked every round again: it may come back, and no peer may know it
+                    self.pending_seeds.add(endpoint)
         self.table.remove(stale)
         self._dirty = True
 

@@ -113,6 +113,38 @@ async def _memory_swarm_converges_expires_and_says_goodbye():
     assert all(v == set(swarm.nodes) for v in views.values()), views
 
 
+def test_a_seed_whose_worker_expired_is_asked_again_until_it_is_back():
+    asyncio.run(_a_seed_whose_worker_expired_is_asked_again())
+
+
+async def _a_seed_whose_worker_expired_is_asked_again():
+    """Workers started with no initial peers, and a client that lists them all: the client's pushes introduce the
+    workers to each other, and its view keeps all three. One dies and expires everywhere, then comes back at the
+    same address knowing no one: only the client can find it again, by asking its seed."""
+    swarm = MemorySwarm(0)
+    for name in ("a", "b", "c"):
+        swarm.add(name, seeds=[])
+    client = GossipNode(swarm.net.transport("mem://client"), seeds=[f"mem://{n}" for n in "abc"],
+                        interval=swarm.interval, clock=swarm.clock, rng=random.Random(1))
+
+    async def round_all():
+        await swarm.round()
+        await client.gossip_round()
+
+    await round_all()
+    for _ in range(60):
+        await round_all()
+        assert {e.peer_id for e in client.live()} == {"a", "b", "c"}
+    swarm.kill("c")
+    while "c" in {e.peer_id for e in client.live()}:
+        await round_all()
+    swarm.net.down.discard("mem://c")
+    swarm.add("c", seeds=[])  # back at the same address
+    for _ in range(2):
+        await round_all()
+    assert {e.peer_id for e in client.live()} == {"a", "b", "c"}
+
+
 def test_heartbeats_only_travel_after_convergence():
     asyncio.run(_heartbeats_only_travel_after_convergence())
 
