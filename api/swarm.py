@@ -114,7 +114,7 @@ class SwarmState:
 
     def snapshot(self) -> dict:
         """The monitor's JSON: per model, block coverage and whether a full chain exists; per worker, its span,
-        endpoint, throughput, cache and health."""
+        endpoint, throughput, cache, health, adapters and longest session (None: not announced)."""
         peers, probes = self.view.peers(), self.probes
         models = []
         for name in sorted({p.model for p in peers}):
@@ -139,6 +139,7 @@ def _worker_json(peer: PeerEntry, probe: Probe | None) -> dict:
         "num_blocks": peer.num_blocks, "dtype": peer.dtype, "throughput": peer.throughput,
         "cache_tokens_free": cache_free, "cache_tokens_total": cache_total,
         "cache_tokens_used": None if cache_total is None else cache_total - cache_free,
+        "adapters": list(peer.adapters), "max_length": peer.max_length or None,
         "health": "unknown" if probe is None else "ok" if info is not None else "unreachable",
         "rtt_ms": None if probe is None or probe.rtt_s is None else round(probe.rtt_s * 1000, 2),
     }

@@ -44,6 +44,7 @@ function workerRow(model, worker) {
     el("td", { className: "mono", textContent: worker.endpoint }),
     el("td", { textContent: worker.throughput ? `${worker.throughput.toFixed(0)} tok/s` : "?" }),
     el("td", {}, cache(worker)),
+    el("td", { className: "mono", textContent: worker.adapters.join(", ") || "—" }),
     el("td", {}, health(worker)));
 }
 
@@ -53,7 +54,7 @@ function modelCard(model) {
     : el("span", { className: "chain no", textContent: `full chain: NO, missing blocks ${spans(model.missing)}` });
   const coverage = strip(model.num_blocks, (b) => `c${Math.min(model.coverage[b], 3)}`,
                          (b) => `block ${b}: ${model.coverage[b]} worker(s)`);
-  const head = el("tr", {}, ...["worker", "span", "blocks", "endpoint", "throughput per block", "cache in use", "health"]
+  const head = el("tr", {}, ...["worker", "span", "blocks", "endpoint", "throughput per block", "cache in use", "adapters", "health"]
     .map((h) => el("th", { textContent: h })));
   return el("section", { className: "card model", dataset: { model: model.id } },
     el("h2", { textContent: model.id }),
