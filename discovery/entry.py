@@ -76,8 +76,8 @@ class PeerEntry:
                         dtype=_text(d.get("dtype", ""), empty=True), protocol=_count(d.get("proto", 0)),
                         throughput=_rate(d.get("tp", 0.0)), cache_tokens_free=_count(d.get("cache", 0)),
                         adapters=_adapters(d.get("ad", [])), max_length=_count(d.get("ml", 0)),
-                        max_batch_size=_count(d.get("mb", 0)), version=_count(d["ver"]), heartbeat=_count(d["hb"]), gone=bool(d.get("gone", False)),
-                        heard_at=now - _count(d["age"]) / 1000)
+                        max_batch_size=_count(d.get("mb", 0)), version=_count(d["ver"]), heartbeat=_count(d["hb"]),
+                        gone=bool(d.get("gone", False)), heard_at=now - _count(d["age"]) / 1000)
         except KeyError as e:
             raise EntryError(f"entry lacks {e.args[0]!r}") from None
         if not entry.start < entry.end <= entry.num_blocks:
