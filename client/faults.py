@@ -76,14 +76,22 @@ class Retry:
     max_backoff: float = 5.0
     attempt: int = 0
 
-    async def next(self, error: Exception) -> None:
-        """Wait before the next attempt, or raise `error` when attempts are exhausted."""
+    async def next(self, error: Exception, wait: bool = True) -> None:
+        """Count an attempt and wait (`wait`) before it, or raise `error` when attempts are exhausted."""
         if self.attempt >= self.max_retries:
             raise error
-        delay = min(self.max_backoff, self.backoff * 2 ** self.attempt)
+        delay = min(self.max_backoff, self.backoff * 2 ** self.attempt) if wait else 0.0
         self.attempt += 1
         log.info("attempt %d after %s; retrying in %.2f s", self.attempt, error, delay)
         await asyncio.sleep(delay)
+
+
+async def retry_elsewhere(error: Exception, hop: Hop, bans: Bans, router: Router, retry: Retry) -> None:
+    """After `hop` failed with a retryable `error`: keep its worker out of new chains and count an attempt, backing
+    off only where no other worker covers the hop's blocks (a replica takes over at once). Raises `error` once the
+    attempts are spent."""
+    blame(bans, router, error, failed_endpoint(error, hop))
+    await retry.next(error, wait=not router.covers(hop.start, hop.end, bans.current()))
 
 
 async def reroute(router: Router, bans: Bans, start: int, end: int, needs: Needs = Needs()) -> list[Hop]:

@@ -20,7 +20,7 @@ from torch import nn
 from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.messages import Backward, Forward
 from corolla.client.config import ClientConfig
-from corolla.client.faults import Bans, Retry, blame, failed_endpoint, reroute, worth_retrying
+from corolla.client.faults import Bans, Retry, reroute, retry_elsewhere, worth_retrying
 from corolla.client.routing import Hop, Needs, Router
 from corolla.client.session import InferenceSession
 
@@ -90,8 +90,7 @@ class RemoteSequential(nn.Module):
         except Exception as e:
             if not worth_retrying(e):
                 raise
-            await retry.next(e)
-            blame(self.bans, self.router, e, failed_endpoint(e, hop))
+            await retry_elsewhere(e, hop, self.bans, self.router, retry)
             raise _Reroute() from e
 
     async def _forward_range(self, start: int, end: int, hidden, attention_mask, position_ids, prompts,

@@ -23,7 +23,7 @@ from corolla.bus.client import BusLoop, ConnectionPool
 from corolla.bus.errors import CorollaError
 from corolla.bus.messages import CloseSession, OpenSession, Step
 from corolla.client.config import ClientConfig
-from corolla.client.faults import Bans, Retry, blame, failed_endpoint, reroute, worth_retrying
+from corolla.client.faults import Bans, Retry, blame, failed_endpoint, reroute, retry_elsewhere, worth_retrying
 from corolla.client.routing import Hop, Needs, Router
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,7 @@ class InferenceSession:
             except Exception as e:
                 if not worth_retrying(e):
                     raise
-                await retry.next(e)
-                blame(self.bans, self.router, e, failed_endpoint(e, hop))
+                await retry_elsewhere(e, hop, self.bans, self.router, retry)
                 await self._replace(i)
                 continue
             sent[hop.start] = hidden

@@ -1,6 +1,7 @@
 """Workers fail mid-generation (killed, stalled, restarted); the client re-routes, replays, and the text is the same."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 
@@ -128,13 +129,17 @@ def test_sessions_route_around_a_worker_without_cache_for_them(tiny_llama_folder
     assert session.chain == [(swarm.endpoints[1], 0, 4)] and session.recoveries == 0
 
 
-def test_a_worker_that_refuses_a_session_for_want_of_cache_is_routed_around(tiny_llama_folder, reference):
+def test_a_worker_that_refuses_a_session_for_want_of_cache_is_routed_around(tiny_llama_folder, reference, caplog):
     """A static chain knows no worker's free cache: the full worker's refusal (CACHE_FULL) sends the session to the
-    replica at once rather than back to the full worker until the retries run out."""
-    with LocalSwarm(_full_and_free_replicas(tiny_llama_folder)) as swarm:
+    replica at once (no back-off: another worker serves those blocks) rather than back to the full worker until
+    the retries run out."""
+    with LocalSwarm(_full_and_free_replicas(tiny_llama_folder)) as swarm, \
+            caplog.at_level(logging.INFO, logger="corolla.client.faults"):
         out, session = _generate(tiny_llama_folder, swarm.endpoints, routing="static")
     assert torch.equal(out, reference)
     assert session.chain == [(swarm.endpoints[1], 0, 4)]
+    retries = [r.getMessage() for r in caplog.records if "retrying in" in r.getMessage()]
+    assert retries and all(m.endswith("retrying in 0.00 s") for m in retries), retries
 
 
 def test_a_session_longer_than_a_worker_takes_goes_to_one_that_takes_it(tiny_llama_folder, reference):
