@@ -116,11 +116,16 @@ class WorkerService:
     def _push(self, msg: Step, out: torch.Tensor, codec: wire.Codec) -> None:
         self.pusher.push(msg.push_to, msg.push_session, msg.position, out, codec)
 
+    @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters this worker serves (what its info and its gossip entry announce)."""
+        return self.adapters.names if self.adapters else []
+
     def info(self) -> WorkerInfo:
         return WorkerInfo(peer_id=self.peer_id, model=self.model_id, start=self.start, end=self.end,
                           num_blocks=self.num_blocks, dtype=self.config.dtype, version=wire.PROTOCOL_VERSION,
                           cache_tokens_free=self.sessions.free_tokens, cache_tokens_total=self.sessions.budget_tokens,
-                          adapters=self.adapters.names if self.adapters else [],
+                          adapters=self.adapter_names,
                           extra={"pushes_received": self.mailbox.delivered,
                                  "push_peers_connected": self._pusher.connected if self._pusher else 0,
                                  "push_peers_held": len(self._pusher.pool) if self._pusher else 0,

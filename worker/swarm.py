@@ -65,7 +65,7 @@ class SwarmMembership:
                           start=service.start, end=service.end, num_blocks=self.num_blocks, dtype=self.config.dtype,
                           protocol=wire.PROTOCOL_VERSION, throughput=throughput,
                           cache_tokens_free=service.sessions.free_tokens,
-                          adapters=tuple(service.adapters.names if service.adapters else ()),
+                          adapters=tuple(service.adapter_names),
                           max_length=self.config.max_length, max_batch_size=self.config.max_batch_size)
         await self.presence.join(entry, server.endpoint, service)
         self._tasks.append(asyncio.ensure_future(self._report_cache()))
